@@ -1,0 +1,25 @@
+"""mrmeta: memory-reduced meta-learning and the baselines it is compared against."""
+
+from mrmeta.algorithms import MemoryReduced, MetaLearner, StepStats
+from mrmeta.implicit import CGResult, Hypergradient, conjugate_gradient, hypergradient
+from mrmeta.inner import gradient_descent, unrolled_gradient_descent
+from mrmeta.models import Conv4, Conv4Backbone, TaskBatchNorm2d
+from mrmeta.tasks import TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CGResult",
+    "Conv4",
+    "Conv4Backbone",
+    "Hypergradient",
+    "MemoryReduced",
+    "MetaLearner",
+    "StepStats",
+    "TaskBatch",
+    "TaskBatchNorm2d",
+    "conjugate_gradient",
+    "gradient_descent",
+    "hypergradient",
+    "unrolled_gradient_descent",
+]
