@@ -39,7 +39,11 @@ def expand_like(coef: Tensor | float, like: Tensor, batched: bool) -> Tensor | f
 
 
 def tree_axpy(
-    alpha: Tensor | float, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *, batched: bool = False
+    alpha: Tensor | float,
+    x: Mapping[str, Tensor],
+    y: Mapping[str, Tensor],
+    *,
+    batched: bool = False,
 ) -> TensorDict:
     """``y + alpha * x`` key by key; ``alpha`` may be a scalar or ``(B,)`` when ``batched``."""
     return {k: y[k] + expand_like(alpha, x[k], batched) * x[k] for k in y}

@@ -63,5 +63,7 @@ def check_loss_call(
         ) from err
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"{name} must return a scalar tensor, got {shape}; reduce it (e.g. .mean())")
+        raise ValueError(
+            f"{name} must return a scalar tensor, got {shape}; reduce it (e.g. .mean())"
+        )
     return value.reshape(())

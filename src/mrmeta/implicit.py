@@ -238,7 +238,9 @@ def hypergradient(
         f = check_loss_call("outer_loss", outer_loss, theta_l, phi_l)
         grad_f_theta, b = _grads(f, theta_l, phi_l)
         g = check_loss_call("inner_loss", inner_loss, theta_l, phi_l)
-        grad_phi_g = dict(zip(phi_l, torch.autograd.grad(g, list(phi_l.values()), create_graph=True)))
+        grad_phi_g = dict(
+            zip(phi_l, torch.autograd.grad(g, list(phi_l.values()), create_graph=True), strict=True)
+        )
         cg = conjugate_gradient(
             lambda v: _vjp(grad_phi_g, phi_l, v), b, v0, iters=cg_iters, tol=tol, batched=batched
         )

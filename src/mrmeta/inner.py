@@ -78,8 +78,6 @@ def unrolled_gradient_descent(
     """
     phi = dict(phi0)
     for _ in range(steps):
-        grads = torch.autograd.grad(
-            loss_fn(phi), list(phi.values()), create_graph=not first_order
-        )
+        grads = torch.autograd.grad(loss_fn(phi), list(phi.values()), create_graph=not first_order)
         phi = _step(phi, grads, lr)
     return phi

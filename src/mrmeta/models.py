@@ -34,8 +34,14 @@ class TaskBatchNorm2d(nn.Module):
         # View tasks as extra channels, so one fused batch_norm gives per-(task, channel) stats.
         folded = x.transpose(0, 1).reshape(n, tasks * c, h, w)
         out = F.batch_norm(
-            folded, None, None, self.weight.repeat(tasks), self.bias.repeat(tasks),
-            True, 0.0, self.eps,
+            folded,
+            None,
+            None,
+            self.weight.repeat(tasks),
+            self.bias.repeat(tasks),
+            True,
+            0.0,
+            self.eps,
         )
         return out.reshape(n, tasks, c, h, w).transpose(0, 1)
 
@@ -75,7 +81,8 @@ class Conv4Backbone(nn.Module):
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
         super().__init__()
         channels = [in_channels, hidden, hidden, hidden, hidden]
-        self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(channels, channels[1:])))
+        pairs = zip(channels[:-1], channels[1:], strict=True)
+        self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in pairs))
         side = image_size
         for _ in range(4):
             side //= 2

@@ -71,4 +71,6 @@ class TaskBatch:
             return [self]
         if size < 1:
             raise ValueError(f"chunk size must be >= 1 or None (all tasks), got {size}")
-        return [self.slice(i, min(i + size, self.num_tasks)) for i in range(0, self.num_tasks, size)]
+        return [
+            self.slice(i, min(i + size, self.num_tasks)) for i in range(0, self.num_tasks, size)
+        ]

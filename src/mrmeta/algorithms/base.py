@@ -64,6 +64,9 @@ class MetaLearner(nn.Module, ABC):
     def predict(self, batch: TaskBatch) -> Tensor:
         """Adapt to each task's support set and predict its queries: ``(B, n_query, out)``."""
 
+    def reset_state(self) -> None:
+        """Forget any state carried between meta-steps (warm starts); a no-op by default."""
+
     def meta_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the outer optimizer updates."""
         return (p for p in self.parameters() if p.requires_grad)

@@ -109,7 +109,9 @@ class MemoryReduced(MetaLearner):
         self.l2 = check_finite_number("l2", l2)
         self.loss = check_loss_name(loss)
         self.cg_tol = check_finite_number("cg_tol", cg_tol)
-        self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = (
+            None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        )
         self.warm_start_head, self.warm_start_cg = bool(warm_start_head), bool(warm_start_cg)
         self.learn_head_init = bool(learn_head_init)
         head.requires_grad_(self.learn_head_init)
@@ -191,7 +193,13 @@ class MemoryReduced(MetaLearner):
         if self.cg_iters == 0:
             return _direct_grads(outer, theta, phi), None, None
         result = hypergradient(
-            outer, inner, theta, phi, cg_iters=self.cg_iters, tol=self.cg_tol, batched=True,
+            outer,
+            inner,
+            theta,
+            phi,
+            cg_iters=self.cg_iters,
+            tol=self.cg_tol,
+            batched=True,
             v0=self._slot_v0(offset, chunk.num_tasks),
         )
         return result.grad, result.residual, result.v
@@ -216,7 +224,9 @@ class MemoryReduced(MetaLearner):
         center = self._center(tasks)
         phi = self.solve_lower_level(zs_d, chunk.support_y, self._slot_start(offset, tasks), center)
         grads, residual, v = self._feature_grads(chunk, zs_d, zq_d, phi, offset)
-        torch.autograd.backward([zs, zq], [grads["support"] / batch_size, grads["query"] / batch_size])
+        torch.autograd.backward(
+            [zs, zq], [grads["support"] / batch_size, grads["query"] / batch_size]
+        )
         if self.learn_head_init:
             for name, param in self.head.named_parameters():
                 share = grads[f"center.{name}"].sum(0) / batch_size
@@ -262,7 +272,9 @@ class MemoryReduced(MetaLearner):
         """
         features = task_features(self.backbone, support_x)
         tasks = features.shape[0]
-        return self.solve_lower_level(features, support_y, self._head_init(tasks), self._center(tasks))
+        return self.solve_lower_level(
+            features, support_y, self._head_init(tasks), self._center(tasks)
+        )
 
     @torch.no_grad()
     def predict(self, batch: TaskBatch) -> Tensor:
@@ -273,6 +285,11 @@ class MemoryReduced(MetaLearner):
             zq = task_features(self.backbone, chunk.query_x)
             outputs.append(batched_head_forward(self.head, phi, zq))
         return torch.cat(outputs)
+
+    def reset_state(self) -> None:
+        """Drop the warm starts (e.g. after a non-finite step)."""
+        self._slot_heads = None
+        self._slot_cg = None
 
     # ----------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:
@@ -304,9 +321,7 @@ def _concat_slots(parts: list[TensorDict]) -> TensorDict:
     return {k: torch.cat([p[k] for p in parts]).detach() for k in parts[0]}
 
 
-def _direct_grads(
-    outer: Any, theta: TensorDict, phi: TensorDict
-) -> TensorDict:
+def _direct_grads(outer: Any, theta: TensorDict, phi: TensorDict) -> TensorDict:
     """``∇_θ f(θ, φ)`` alone — the hypergradient without its implicit term (``N = 0``)."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     with torch.enable_grad():

@@ -1,0 +1,160 @@
+"""The ``mrmeta`` command: ``train`` and ``eval``. It parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, ConfigError, TrainConfig, read_toml
+
+HELP = {
+    "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
+    "dataset": "benchmark name (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet)",
+    "data_root": "folder holding the dataset files (else $MRMETA_DATA, else ~/.cache/mrmeta)",
+    "download": "download the dataset if it is not found (Omniglot only)",
+    "ways": "classes per task N",
+    "shots": "support examples per class K",
+    "queries": "query examples per class",
+    "meta_batch": "tasks per meta-iteration |B|",
+    "iterations": "number of meta-iterations",
+    "time_budget": "stop after this many seconds of meta-training",
+    "inner_steps": "inner gradient steps K",
+    "inner_lr": "inner step size, or 'auto' (1/L per task; head-only methods)",
+    "cg_iters": "conjugate-gradient iterations N (mrml, imaml); 0 drops the implicit term",
+    "l2": "L2 coefficient mu of the lower level (mrml, itd-bio)",
+    "reg": "proximal coefficient lambda of iMAML",
+    "warm_start_head": "warm-start the head per task slot across iterations (mrml)",
+    "warm_start_cg": "warm-start CG per task slot across iterations (mrml)",
+    "learn_head_init": "meta-learn the head's starting point too (mrml)",
+    "optimizer": f"outer optimizer: {', '.join(OPTIMIZERS)}",
+    "lr": "outer learning rate",
+    "chunk_size": "tasks processed together: a number, or 'all'",
+    "hidden": "Conv4 filters per layer",
+    "seed": "random seed (model init, tasks)",
+    "device": "cpu or cuda",
+    "threads": "torch CPU threads",
+    "val_every": "validate every this many iterations",
+    "val_tasks": "validation tasks",
+    "test_tasks": "test tasks at the end (>= 600 for a publishable number)",
+    "eval_protocol": f"test protocol: {', '.join(PROTOCOLS)}",
+    "checkpoint_every": "write last.pt every this many iterations",
+    "max_skipped": "stop after this many consecutive non-finite meta-steps",
+}
+
+
+def _chunk(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def _lr_or_auto(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+SPECIAL_TYPES = {
+    "chunk_size": _chunk,
+    "inner_lr": _lr_or_auto,
+    "time_budget": float,
+    "data_root": str,
+    "threads": int,
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field; unset flags stay out of the namespace."""
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{HELP[field.name]} (default: {default})",
+        }
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = SPECIAL_TYPES.get(field.name, type(default))
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrmeta", description="Memory-reduced meta-learning and its baselines."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="meta-train, validate, test")
+    train.add_argument("--out", required=True, type=Path, help="run folder (must be new)")
+    train.add_argument("--config", type=Path, help="TOML file whose keys match the flags")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+    evaluate = commands.add_parser("eval", help="test a trained run")
+    evaluate.add_argument("--run", required=True, type=Path, help="a run folder of 'train'")
+    evaluate.add_argument("--tasks", type=int, default=600, help="test tasks (default: 600)")
+    evaluate.add_argument("--protocol", choices=PROTOCOLS, default="native")
+    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, overridden by the TOML file, overridden by the flags."""
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        values.update(read_toml(args.config))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values, source=str(args.config or "flags"))
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from mrmeta.train import train
+
+    config = TrainConfig() if args.resume else config_from_args(args)
+    result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    print(
+        f"test accuracy: {100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
+        f"(95% CI, {result['test_tasks']} tasks, {result['test_protocol']}); "
+        f"results in {args.out}"
+    )
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from mrmeta.train import evaluate_run
+
+    result = evaluate_run(
+        args.run, tasks=args.tasks, protocol=args.protocol, checkpoint=args.checkpoint
+    )
+    print(f"test accuracy: {result}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status. User mistakes print one line, no traceback."""
+    from mrmeta.data import DataError
+    from mrmeta.train import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            _run_train(args)
+        else:
+            _run_eval(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"mrmeta: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"mrmeta: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "mrmeta: interrupted; continue with 'mrmeta train --out DIR --resume'", file=sys.stderr
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

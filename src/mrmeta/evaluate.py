@@ -1,0 +1,124 @@
+"""Evaluation protocols: accuracy over many test tasks, mean ± 95% confidence interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mrmeta._heads import batched_head_forward, task_accuracies, task_losses
+from mrmeta.algorithms.base import MetaLearner
+from mrmeta.algorithms.memory_reduced import task_features
+from mrmeta.inner import gradient_descent
+from mrmeta.tasks import TaskBatch
+
+PROTOCOLS = ("native", "frozen-backbone")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy over ``tasks`` tasks: mean, standard deviation and the 95% CI half-width
+    ``1.96 · std / √tasks`` (fractions in ``[0, 1]``)."""
+
+    mean: float
+    std: float
+    ci95: float
+    tasks: int
+    protocol: str
+
+    def __str__(self) -> str:
+        return (
+            f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}% "
+            f"(95% CI, {self.tasks} tasks, {self.protocol})"
+        )
+
+    @classmethod
+    def from_accuracies(cls, accuracies: Tensor, protocol: str) -> EvalResult:
+        """From per-task accuracies ``(n,)``."""
+        acc = accuracies.double()
+        std = float(acc.std(unbiased=True)) if acc.numel() > 1 else 0.0
+        return cls(
+            float(acc.mean()), std, 1.96 * std / math.sqrt(acc.numel()), acc.numel(), protocol
+        )
+
+
+def backbone_of(learner: MetaLearner) -> nn.Module:
+    """The feature extractor of a learner (``learner.backbone`` or ``learner.model.backbone``)."""
+    backbone = getattr(learner, "backbone", None)
+    if backbone is None:
+        backbone = getattr(getattr(learner, "model", None), "backbone", None)
+    if backbone is None:
+        raise ValueError(
+            f"{type(learner).__name__} has no .backbone (or .model.backbone): the frozen-backbone "
+            "protocol needs a model split into backbone and head"
+        )
+    return backbone
+
+
+@torch.no_grad()
+def frozen_backbone_predict(
+    backbone: nn.Module, batch: TaskBatch, ways: int, *, steps: int = 20, lr: float = 0.05
+) -> Tensor:
+    """The paper's test protocol: backbone frozen, a linear head trained from zero by ``steps``
+    gradient steps of size ``lr`` on each task's support cross-entropy.
+
+    Args:
+        backbone: maps ``(n, *input)`` to ``(n, d)``.
+        batch: tasks with ``ways`` classes.
+
+    Returns:
+        Query logits ``(B, n_query, ways)``.
+    """
+    zs = task_features(backbone, batch.support_x)
+    zq = task_features(backbone, batch.query_x)
+    head = nn.Linear(zs.shape[-1], ways).to(zs)
+    start = {k: torch.zeros(zs.shape[0], *p.shape).to(zs) for k, p in head.named_parameters()}
+
+    def support_loss(phi: dict[str, Tensor]) -> Tensor:
+        return task_losses(
+            batched_head_forward(head, phi, zs), batch.support_y, "cross_entropy"
+        ).sum()
+
+    phi = gradient_descent(support_loss, start, steps=steps, lr=lr)
+    return batched_head_forward(head, phi, zq)
+
+
+def evaluate(
+    learner: MetaLearner,
+    sample: Callable[[int], TaskBatch],
+    *,
+    tasks: int = 600,
+    batch_size: int = 32,
+    protocol: str = "native",
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Accuracy of ``learner`` on ``tasks`` tasks drawn by ``sample(batch_size)``.
+
+    Args:
+        learner: the meta-learner.
+        sample: draws a batch of tasks (use a sampler with a fixed seed so that every method is
+            evaluated on the same tasks).
+        tasks: number of tasks (600 or more for a publishable number).
+        batch_size: tasks per forward batch (memory only; the result does not depend on it).
+        protocol: ``"native"`` (the method's own adaptation) or ``"frozen-backbone"``.
+        device: where to run.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    accuracies = []
+    remaining = tasks
+    while remaining > 0:
+        batch = sample(min(batch_size, remaining)).to(device)
+        accuracies.append(task_accuracies(_predict(learner, batch, protocol), batch.query_y).cpu())
+        remaining -= batch.num_tasks
+    return EvalResult.from_accuracies(torch.cat(accuracies), protocol)
+
+
+def _predict(learner: MetaLearner, batch: TaskBatch, protocol: str) -> Tensor:
+    if protocol == "native":
+        return learner.predict(batch)
+    ways = int(batch.support_y.max()) + 1
+    return frozen_backbone_predict(backbone_of(learner), batch, ways)

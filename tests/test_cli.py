@@ -1,0 +1,205 @@
+"""The ``mrmeta`` command end to end on real Omniglot, resume after kill -9, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrmeta.cli import main
+
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_omniglot = pytest.mark.skipif(
+    not (DATA_ROOT / "omniglot" / "images_background.npz").exists(),
+    reason="real Omniglot copy not found in ../shared/data/omniglot",
+)
+
+TINY = [
+    "--dataset", "omniglot", "--data-root", str(DATA_ROOT), "--ways", "3", "--shots", "1",
+    "--queries", "2", "--meta-batch", "2", "--hidden", "8", "--inner-steps", "3",
+    "--cg-iters", "3", "--val-every", "3", "--val-tasks", "4", "--test-tasks", "6",
+    "--threads", "1", "--seed", "3",
+]
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def _learner_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "last.pt", weights_only=True)["learner"]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_train_end_to_end_writes_the_run_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = _run(["train", "--algo", "mrml", *TINY, "--iterations", "6",
+                              "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert "test accuracy" in stdout
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "result.json"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert len([r for r in records if r["kind"] == "val"]) == 2
+    for key in ("loss", "accuracy", "inner_grad_norm", "cg_residual", "grad_norm", "seconds",
+                "peak_memory_bytes"):
+        assert all(r[key] is not None for r in train), key
+    result = json.loads((out / "result.json").read_text())
+    assert result["test_tasks"] == 6 and 0.0 <= result["test_accuracy"] <= 1.0
+    assert json.loads((out / "config.json").read_text())["ways"] == 3
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_config_file_and_flags_override(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text("iterations = 2\nways = 4\nl2 = 0.5\n")
+    out = tmp_path / "run"
+    code, _, err = _run(["train", *TINY, "--config", str(config), "--ways", "3",
+                         "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["iterations"], saved["ways"], saved["l2"]) == (2, 3, 0.5)
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_eval_frozen_backbone(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _run(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys)[0] == 0
+    code, stdout, err = _run(["eval", "--run", str(out), "--tasks", "5",
+                              "--protocol", "frozen-backbone"], capsys)
+    assert code == 0, err
+    assert "5 tasks, frozen-backbone" in stdout
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mrmeta", "train", *args, "--quiet"]
+
+
+def _wait_for_iterations(metrics: Path, count: int, proc: subprocess.Popen, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if sum(r["kind"] == "train" for r in lines) >= count:
+                return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early with {proc.returncode}")
+        time.sleep(0.05)
+    pytest.fail("training did not reach the kill point in time")
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@needs_omniglot
+def test_resume_after_kill_is_bit_identical(tmp_path: Path) -> None:
+    args = [*TINY, "--iterations", "14", "--checkpoint-every", "1", "--warm-start-head",
+            "--warm-start-cg"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli([*args, "--out", str(reference)]), check=True, env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli([*args, "--out", str(killed)]), env=env)
+    try:
+        _wait_for_iterations(killed / "metrics.jsonl", 6, proc, limit=120)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "result.json").exists(), "the run finished before it was killed"
+    subprocess.run(_cli(["--out", str(killed), "--resume"]), check=True, env=env)
+    ref_state, resumed_state = _learner_state(reference), _learner_state(killed)
+    assert ref_state.keys() == resumed_state.keys()
+    for key in ref_state:
+        assert torch.equal(ref_state[key], resumed_state[key]), key
+    ref_log = (reference / "metrics.jsonl").read_text().splitlines()
+    resumed_log = (killed / "metrics.jsonl").read_text().splitlines()
+    assert len(ref_log) == len(resumed_log)
+
+
+BAD_INPUTS = [
+    (["--algo", "reptile"], "algo must be one of"),
+    (["--dataset", "imagenet-1k"], "imagenet-1k"),
+    (["--ways", "5000"], "ways"),
+    (["--shots", "15", "--queries", "10"], "shots + queries"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--inner-lr", "inf"], "inner_lr must be a finite number"),
+    (["--data-root", "/nonexistent/mrmeta-data"], "MRMETA_DATA"),
+]
+
+
+@pytest.mark.data
+@needs_omniglot
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_without_traceback(tmp_path: Path, capsys, extra, message) -> None:
+    out = tmp_path / "run"
+    code, _, err = _run(["train", *TINY, "--iterations", "1", *extra, "--out", str(out)], capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("ways = [1, 2", "not valid TOML"),
+        ("wayz = 5\n", "unknown key 'wayz'"),
+        ("ways = 'five'\n", "ways must be an integer"),
+    ],
+)
+def test_bad_config_file(tmp_path: Path, capsys, content, message) -> None:
+    config = tmp_path / "run.toml"
+    if content is not None:
+        config.write_text(content)
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--config", str(config), "--out", str(out)], capsys)
+    assert code == 2 and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unreadable_config_file(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.toml"
+    config.write_bytes(b"\xff\xfe not text")
+    code, _, err = _run(["train", "--config", str(config), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "cannot be read" in err
+
+
+def test_existing_out_without_resume_is_refused_and_untouched(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "iteration": 1}\n')
+    before = _snapshot(out)
+    code, _, err = _run(["train", "--out", str(out), "--iterations", "1"], capsys)
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(out) == before
+
+
+def test_resume_without_a_run_is_refused(tmp_path: Path, capsys) -> None:
+    code, _, err = _run(["train", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert code == 2 and "no run to resume" in err
+
+
+def test_eval_without_checkpoint(tmp_path: Path, capsys) -> None:
+    code, _, err = _run(["eval", "--run", str(tmp_path)], capsys)
+    assert code == 2 and "no checkpoint" in err
