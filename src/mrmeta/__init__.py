@@ -3,6 +3,7 @@
 from mrmeta.algorithms import MemoryReduced, MetaLearner, StepStats
 from mrmeta.implicit import CGResult, Hypergradient, conjugate_gradient, hypergradient
 from mrmeta.inner import gradient_descent, unrolled_gradient_descent
+from mrmeta.memory import format_bytes, measure_peak_memory
 from mrmeta.models import Conv4, Conv4Backbone, TaskBatchNorm2d
 from mrmeta.tasks import TaskBatch
 
@@ -19,7 +20,9 @@ __all__ = [
     "TaskBatch",
     "TaskBatchNorm2d",
     "conjugate_gradient",
+    "format_bytes",
     "gradient_descent",
     "hypergradient",
+    "measure_peak_memory",
     "unrolled_gradient_descent",
 ]
