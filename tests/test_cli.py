@@ -22,10 +22,34 @@ needs_omniglot = pytest.mark.skipif(
 )
 
 TINY = [
-    "--dataset", "omniglot", "--data-root", str(DATA_ROOT), "--ways", "3", "--shots", "1",
-    "--queries", "2", "--meta-batch", "2", "--hidden", "8", "--inner-steps", "3",
-    "--cg-iters", "3", "--val-every", "3", "--val-tasks", "4", "--test-tasks", "6",
-    "--threads", "1", "--seed", "3",
+    "--dataset",
+    "omniglot",
+    "--data-root",
+    str(DATA_ROOT),
+    "--ways",
+    "3",
+    "--shots",
+    "1",
+    "--queries",
+    "2",
+    "--meta-batch",
+    "2",
+    "--hidden",
+    "8",
+    "--inner-steps",
+    "3",
+    "--cg-iters",
+    "3",
+    "--val-every",
+    "3",
+    "--val-tasks",
+    "4",
+    "--test-tasks",
+    "6",
+    "--threads",
+    "1",
+    "--seed",
+    "3",
 ]
 
 
@@ -36,7 +60,9 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def _learner_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +74,10 @@ def _learner_state(run_dir: Path) -> dict[str, torch.Tensor]:
 @needs_omniglot
 def test_train_end_to_end_writes_the_run_folder(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    code, stdout, err = _run(["train", "--algo", "mrml", *TINY, "--iterations", "6",
-                              "--out", str(out), "--quiet"], capsys)
+    code, stdout, err = _run(
+        ["train", "--algo", "mrml", *TINY, "--iterations", "6", "--out", str(out), "--quiet"],
+        capsys,
+    )
     assert code == 0, err
     assert "test accuracy" in stdout
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "result.json"):
@@ -58,8 +86,15 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path: Path, capsys) -> None:
     train = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert len([r for r in records if r["kind"] == "val"]) == 2
-    for key in ("loss", "accuracy", "inner_grad_norm", "cg_residual", "grad_norm", "seconds",
-                "peak_memory_bytes"):
+    for key in (
+        "loss",
+        "accuracy",
+        "inner_grad_norm",
+        "cg_residual",
+        "grad_norm",
+        "seconds",
+        "peak_memory_bytes",
+    ):
         assert all(r[key] is not None for r in train), key
     result = json.loads((out / "result.json").read_text())
     assert result["test_tasks"] == 6 and 0.0 <= result["test_accuracy"] <= 1.0
@@ -72,8 +107,10 @@ def test_config_file_and_flags_override(tmp_path: Path, capsys) -> None:
     config = tmp_path / "run.toml"
     config.write_text("iterations = 2\nways = 4\nl2 = 0.5\n")
     out = tmp_path / "run"
-    code, _, err = _run(["train", *TINY, "--config", str(config), "--ways", "3",
-                         "--out", str(out), "--quiet"], capsys)
+    code, _, err = _run(
+        ["train", *TINY, "--config", str(config), "--ways", "3", "--out", str(out), "--quiet"],
+        capsys,
+    )
     assert code == 0, err
     saved = json.loads((out / "config.json").read_text())
     assert (saved["iterations"], saved["ways"], saved["l2"]) == (2, 3, 0.5)
@@ -84,8 +121,9 @@ def test_config_file_and_flags_override(tmp_path: Path, capsys) -> None:
 def test_eval_frozen_backbone(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert _run(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys)[0] == 0
-    code, stdout, err = _run(["eval", "--run", str(out), "--tasks", "5",
-                              "--protocol", "frozen-backbone"], capsys)
+    code, stdout, err = _run(
+        ["eval", "--run", str(out), "--tasks", "5", "--protocol", "frozen-backbone"], capsys
+    )
     assert code == 0, err
     assert "5 tasks, frozen-backbone" in stdout
 
@@ -111,8 +149,15 @@ def _wait_for_iterations(metrics: Path, count: int, proc: subprocess.Popen, limi
 @pytest.mark.slow
 @needs_omniglot
 def test_resume_after_kill_is_bit_identical(tmp_path: Path) -> None:
-    args = [*TINY, "--iterations", "14", "--checkpoint-every", "1", "--warm-start-head",
-            "--warm-start-cg"]
+    args = [
+        *TINY,
+        "--iterations",
+        "14",
+        "--checkpoint-every",
+        "1",
+        "--warm-start-head",
+        "--warm-start-cg",
+    ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     reference = tmp_path / "reference"
     subprocess.run(_cli([*args, "--out", str(reference)]), check=True, env=env)

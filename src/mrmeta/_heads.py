@@ -52,7 +52,7 @@ def task_accuracies(pred: Tensor, target: Tensor) -> Tensor:
 
 def l2_penalty(params: TensorDict, center: TensorDict, l2: float) -> Tensor:
     """``μ/2 · ‖φ_t − c_t‖²`` per task, ``(T,)``."""
-    total = sum((params[k] - center[k]).pow(2).flatten(1).sum(1) for k in params)
+    total = sum((params[k] - center[k]).pow(2).reshape(len(params[k]), -1).sum(1) for k in params)
     return 0.5 * l2 * total
 
 

@@ -19,7 +19,7 @@ def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, batched: bool 
     total: Tensor | None = None
     for key, a_k in a.items():
         prod = a_k * b[key]
-        term = prod.flatten(1).sum(1) if batched else prod.sum()
+        term = prod.reshape(prod.shape[0], -1).sum(1) if batched else prod.sum()
         total = term if total is None else total + term
     if total is None:
         raise ValueError("cannot take the inner product of empty parameter dicts")

@@ -19,7 +19,7 @@ def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
 
 
 def check_finite_number(name: str, value: object, *, positive: bool = False) -> float:
-    """``value`` as a finite float (``> 0`` when ``positive``), else a clear error."""
+    """``value`` as a finite float ``≥ 0`` (``> 0`` when ``positive``), else a clear error."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):

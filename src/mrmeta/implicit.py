@@ -19,7 +19,12 @@ import torch
 from torch import Tensor
 
 from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_sub, tree_zeros_like
-from mrmeta._validation import check_loss_call, check_positive_int, check_tensor_dict
+from mrmeta._validation import (
+    check_finite_number,
+    check_loss_call,
+    check_positive_int,
+    check_tensor_dict,
+)
 
 HVP = Callable[[TensorDict], TensorDict]
 LossFn = Callable[[TensorDict, TensorDict], Tensor]
@@ -110,8 +115,7 @@ def conjugate_gradient(
         True
     """
     check_positive_int("iters", iters)
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    check_finite_number("tol", tol)
     b = check_tensor_dict("b", b)
     x, r, p = _cg_state(hvp, b, x0)
     rr = tree_dot(r, r, batched=batched)
