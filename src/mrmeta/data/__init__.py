@@ -1,0 +1,28 @@
+"""Few-shot data: benchmark loaders, the task sampler, and safe reading of dataset files.
+
+Data flows ``load_dataset(...)`` -> ``dataset.sampler(ways, shots, queries, seed=...)`` ->
+``sampler.sample(batch_size)`` -> :class:`mrmeta.tasks.TaskBatch`.
+"""
+
+from mrmeta.data._dataset import FewShotDataset
+from mrmeta.data._errors import DataError, DataNotFoundError
+from mrmeta.data._paths import ENV_VAR, default_data_root
+from mrmeta.data._registry import available_datasets, load_dataset
+from mrmeta.data._safe_pickle import RestrictedUnpickler, load_pickle
+from mrmeta.data._sampler import TaskSampler
+from mrmeta.data.sinusoid import SinusoidSampler, SinusoidTasks
+
+__all__ = [
+    "ENV_VAR",
+    "DataError",
+    "DataNotFoundError",
+    "FewShotDataset",
+    "RestrictedUnpickler",
+    "SinusoidSampler",
+    "SinusoidTasks",
+    "TaskSampler",
+    "available_datasets",
+    "default_data_root",
+    "load_dataset",
+    "load_pickle",
+]

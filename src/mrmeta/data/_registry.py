@@ -1,0 +1,98 @@
+"""Dataset names and their loaders: ``load_dataset(name, split, root, **options)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mrmeta.data._dataset import FewShotDataset
+from mrmeta.data._errors import DataError
+from mrmeta.data._paths import HOW_TO_POINT
+from mrmeta.data.cifar_fs import load_cifar_fs
+from mrmeta.data.fc100 import load_fc100
+from mrmeta.data.mini_imagenet import load_mini_imagenet
+from mrmeta.data.omniglot import load_omniglot
+from mrmeta.data.sinusoid import SinusoidTasks, load_sinusoid
+from mrmeta.data.tiered_imagenet import load_tiered_imagenet
+
+_LOADERS: dict[str, Callable[..., FewShotDataset | SinusoidTasks]] = {
+    "omniglot": load_omniglot,
+    "cifar-fs": load_cifar_fs,
+    "fc100": load_fc100,
+    "mini-imagenet": load_mini_imagenet,
+    "tiered-imagenet": load_tiered_imagenet,
+    "sinusoid": load_sinusoid,
+}
+_ALIASES = {
+    "cifarfs": "cifar-fs",
+    "miniimagenet": "mini-imagenet",
+    "tieredimagenet": "tiered-imagenet",
+}
+
+
+def available_datasets() -> tuple[str, ...]:
+    """Names :func:`load_dataset` accepts (case, ``_`` vs ``-`` and a missing dash are forgiven)."""
+    return tuple(_LOADERS)
+
+
+def _canonical(name: str) -> str:
+    key = str(name).strip().lower().replace("_", "-")
+    return _ALIASES.get(key.replace("-", ""), key)
+
+
+def load_dataset(
+    name: str, split: str = "train", root: str | Path | None = None, **options: Any
+) -> FewShotDataset | SinusoidTasks:
+    """Load one split of a few-shot benchmark.
+
+    Args:
+        name: one of :func:`available_datasets` (``"omniglot"``, ``"cifar-fs"``, ``"fc100"``,
+            ``"mini-imagenet"``, ``"tiered-imagenet"``, ``"sinusoid"``).
+        split: ``"train"``, ``"val"`` or ``"test"`` (Omniglot also ``"trainval"``).
+        root: data root; default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``.
+        **options: dataset-specific keywords, e.g. ``protocol="vinyals"``, ``download=True`` or
+            ``image_size=28`` for Omniglot, ``check_classes=False`` for the others.
+
+    Returns:
+        A :class:`FewShotDataset` (classification) or :class:`SinusoidTasks` (regression); both
+        have ``sampler(ways, shots, queries, seed=...)``.
+
+    Example:
+        >>> train = load_dataset("omniglot", "train", root="data/omniglot")
+        >>> batch = train.sampler(ways=5, shots=1, queries=15, seed=0).sample(32)
+
+    Raises:
+        DataError: unknown name or option, bad split, bad or missing files (one line, names
+            the fix).
+    """
+    loader = _LOADERS.get(_canonical(name))
+    if loader is None:
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())}"
+        )
+    valid = _keyword_options(loader)
+    if "download" in options and "download" not in valid:
+        _refuse_download(name, options.pop("download"))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise DataError(
+            f"dataset {name!r} has no option {', '.join(unknown)}; valid options: "
+            f"{', '.join(valid) or 'none'}"
+        )
+    return loader(split, root, **options)
+
+
+def _keyword_options(loader: Callable[..., Any]) -> list[str]:
+    params = inspect.signature(loader).parameters
+    return [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _refuse_download(name: str, download: Any) -> None:
+    """``download=False`` is accepted by every dataset; ``True`` only where a source exists."""
+    if download:
+        raise DataError(
+            f"{name} cannot be downloaded by mrmeta (only Omniglot can); place its files under "
+            f"the data root: {HOW_TO_POINT}"
+        )
