@@ -43,6 +43,11 @@ HELP = {
     "eval_protocol": f"test protocol: {', '.join(PROTOCOLS)}",
     "checkpoint_every": "write last.pt every this many iterations",
     "max_skipped": "stop after this many consecutive non-finite meta-steps",
+    "dtype": "floating-point precision of the model and the tasks: float32 or float64",
+    "distributed": "shard each meta-batch's tasks across the processes torchrun launched "
+    "(gloo on cpu, nccl on cuda); --meta-batch must be divisible by their number",
+    "dist_timeout": "seconds a rank waits for the others before failing (--distributed); "
+    "must exceed rank 0's validation time",
 }
 
 
@@ -115,6 +120,8 @@ def _run_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig() if args.resume else config_from_args(args)
     result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
+        return
     print(
         f"test accuracy: {100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
         f"(95% CI, {result['test_tasks']} tasks, {result['test_protocol']}); "
@@ -134,6 +141,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. User mistakes print one line, no traceback."""
     from mrmeta.data import DataError
+    from mrmeta.distributed import DistributedError
     from mrmeta.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
@@ -145,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"mrmeta: error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, DistributedError) as err:
         print(f"mrmeta: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ ALGORITHMS = ("mrml", "maml", "fomaml", "anil", "itd-bio", "imaml")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 PROTOCOLS = ("native", "frozen-backbone")
+DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class TrainConfig:
 
     Defaults are the quick start: Omniglot 5-way 1-shot with ``mrml`` in about ten minutes on
     two CPU cores. ``inner_lr = None`` takes the algorithm's own default (``"auto"`` for the
-    head-only methods, 0.4 for MAML/iMAML on the whole network).
+    head-only methods, 0.4 for MAML/iMAML on the whole network). ``distributed`` shards each
+    meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
+    ``dtype = "float64"`` runs the model and the tasks in double precision.
     """
 
     algo: str = "mrml"
@@ -66,12 +69,16 @@ class TrainConfig:
     eval_protocol: str = "native"
     checkpoint_every: int = 10
     max_skipped: int = 10
+    dtype: str = "float32"
+    distributed: bool = False
+    dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _check_choice("algo", self.algo, ALGORITHMS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("eval_protocol", self.eval_protocol, PROTOCOLS)
+        _check_choice("dtype", self.dtype, DTYPES)
         for name in (
             "ways",
             "shots",
@@ -88,7 +95,7 @@ class TrainConfig:
         for name in ("queries", "inner_steps", "cg_iters"):
             _check_int(name, getattr(self, name), minimum=0)
         _check_int("seed", self.seed, minimum=0)
-        for name in ("lr", "l2", "reg"):
+        for name in ("lr", "l2", "reg", "dist_timeout"):
             _check_number(name, getattr(self, name), positive=name != "l2")
         if self.chunk_size is not None:
             _check_int("chunk_size", self.chunk_size, minimum=1)

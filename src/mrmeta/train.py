@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,23 @@ from mrmeta._factory import build_learner, build_model, build_optimizer
 from mrmeta.algorithms.base import MetaLearner, StepStats
 from mrmeta.config import ConfigError, TrainConfig
 from mrmeta.data import TaskSampler, load_dataset
+from mrmeta.distributed import (
+    DistContext,
+    DistributedError,
+    average_gradients,
+    broadcast_module,
+    check_on_main,
+    gather_rows,
+    gather_to_main,
+    init_distributed,
+    launched_world_size,
+    rank_seed,
+    shard_size,
+    shutdown,
+    to_cpu,
+)
 from mrmeta.evaluate import EvalResult, evaluate
+from mrmeta.tasks import TaskBatch
 
 CONFIG_FILE, LAST, BEST = "config.json", "last.pt", "best.pt"
 
@@ -74,16 +90,32 @@ def peak_memory_bytes(device: torch.device) -> int:
 class TrainingRun:
     """One run folder: builds everything from the config, trains, validates, tests.
 
+    Under ``torch.distributed`` (``dist`` enabled) each rank draws ``meta_batch / W`` tasks
+    from its own sampler (seeded by :func:`mrmeta.distributed.rank_seed`), the meta-gradients
+    are averaged by one all-reduce per step, and rank 0 alone logs, validates and writes
+    checkpoints (which carry every rank's sampler state, so ``--resume`` continues exactly).
+
     Args:
         config: the run's configuration.
         run_dir: its folder (``config.json``, ``metrics.jsonl``, ``last.pt``, ``best.pt``,
             ``result.json``, ``curves.png``).
         progress: show a progress bar.
+        dist: this process's place in the process group (default: one process).
     """
 
-    def __init__(self, config: TrainConfig, run_dir: Path, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        *,
+        progress: bool = True,
+        dist: DistContext | None = None,
+    ) -> None:
         self.config, self.run_dir, self.show_progress = config, Path(run_dir), progress
-        self.device = resolve_device(config.device)
+        self.dist = dist or DistContext()
+        self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
+        self.dtype: torch.dtype = getattr(torch, config.dtype)
+        self.local_batch = shard_size(config.meta_batch, self.dist.world_size)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         split_options = {"root": config.data_root, "download": config.download}
@@ -93,18 +125,23 @@ class TrainingRun:
         torch.manual_seed(config.seed)
         image_shape = tuple(self.splits["train"].images.shape[1:])
         self.model = build_model(config, image_shape)
-        self.learner: MetaLearner = build_learner(config, self.model).to(self.device)
+        self.learner: MetaLearner = build_learner(config, self.model).to(self.device, self.dtype)
+        broadcast_module(self.learner, self.dist)
         self.optimizer = build_optimizer(config, self.learner)
-        self.sampler = self._sampler("train", config.seed)
+        self.sampler = self._sampler("train", rank_seed(config.seed, self.dist.rank))
         self.progress = Progress()
+        self._rank_states: list[dict[str, Any]] | None = None
 
     def _sampler(self, split: str, seed: int) -> TaskSampler:
         c = self.config
         return TaskSampler(self.splits[split], c.ways, c.shots, c.queries, seed=seed)
 
+    def _draw(self, sampler: TaskSampler, tasks: int) -> TaskBatch:
+        return sampler.sample(tasks).to(self.device, self.dtype)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -112,6 +149,9 @@ class TrainingRun:
             "progress": vars(self.progress).copy(),
             "config": self.config.to_dict(),
         }
+        if self.dist.enabled:
+            state.update(world_size=self.dist.world_size, ranks=self._rank_states)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state["learner"])
@@ -119,6 +159,26 @@ class TrainingRun:
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.progress = Progress(**state["progress"])
+        if self.dist.enabled:
+            self._load_rank_state(state)
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: the sampler, the RNG, a learner's per-slot warm starts."""
+        extra = {k: v for k, v in self.learner.state_dict().items() if k.endswith("_extra_state")}
+        sampler, rng = self.sampler.state_dict(), torch.get_rng_state()
+        return to_cpu({"sampler": sampler, "torch_rng": rng, "extra": extra})
+
+    def _load_rank_state(self, state: dict[str, Any]) -> None:
+        saved, world = state.get("world_size"), self.dist.world_size
+        if saved != world or not state.get("ranks"):
+            raise ConfigError(
+                f"the run was trained with {saved or 1} process(es) but {world} were launched; "
+                "resume it with the same total number of processes"
+            )
+        mine = state["ranks"][self.dist.rank]
+        self.sampler.load_state_dict(mine["sampler"])
+        torch.set_rng_state(mine["torch_rng"])
+        self.learner.load_state_dict(mine["extra"], strict=False)
 
     def checkpoint(self, name: str = LAST) -> None:
         save_checkpoint(self.run_dir / name, self.state_dict())
@@ -129,9 +189,12 @@ class TrainingRun:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        batch = self.sampler.sample(self.config.meta_batch).to(self.device)
-        stats: StepStats = self.learner.meta_step(batch, self.optimizer)
+        batch = self._draw(self.sampler, self.local_batch)
+        stats: StepStats = self.learner.meta_step(
+            batch, self.optimizer, reduce_gradients=self._reduce_gradients
+        )
         seconds = time.perf_counter() - start
+        stats, seconds, peak = self._across_ranks(stats, seconds, peak_memory_bytes(self.device))
         self.progress.iteration += 1
         self.progress.train_seconds += seconds
         self._guard(stats)
@@ -141,8 +204,31 @@ class TrainingRun:
             **stats.as_dict(),
             "seconds": seconds,
             "train_seconds": self.progress.train_seconds,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": peak,
         }
+
+    def _reduce_gradients(self) -> None:
+        """The one all-reduce of a distributed step (a no-op in one process).
+
+        Every rank takes the optimizer step (or skips it) on the same averaged gradient: a
+        non-finite loss on one rank gives a non-finite gradient, which the all-reduce spreads.
+        """
+        average_gradients(self.learner.meta_parameters(), self.dist)
+
+    def _across_ranks(
+        self, stats: StepStats, seconds: float, peak: int
+    ) -> tuple[StepStats, float, int]:
+        """The step's statistics averaged over the ranks (each drew as many tasks); seconds
+        and peak memory of the slowest / largest rank. Identical on every rank."""
+        if not self.dist.enabled:
+            return stats, seconds, peak
+        keys = ("loss", "accuracy", "inner_grad_norm", "cg_residual")
+        local = [getattr(stats, k) for k in keys]
+        rows = gather_rows([0.0 if v is None else v for v in local] + [seconds, peak], self.dist)
+        means = rows[:, : len(keys)].mean(0).tolist()
+        averaged = {k: None if v is None else m for k, v, m in zip(keys, local, means, strict=True)}
+        slowest = rows[:, len(keys) :].max(0).values.tolist()
+        return replace(stats, **averaged), slowest[0], int(slowest[1])
 
     def _guard(self, stats: StepStats) -> None:
         """Count consecutive skipped steps; stop the run when there are too many."""
@@ -162,7 +248,10 @@ class TrainingRun:
         """Accuracy on the same ``val_tasks`` validation tasks every time (fixed seed)."""
         sampler = self._sampler("val", self.config.seed + 1)
         return evaluate(
-            self.learner, sampler.sample, tasks=self.config.val_tasks, device=self.device
+            self.learner,
+            lambda n: self._draw(sampler, n),
+            tasks=self.config.val_tasks,
+            device=self.device,
         )
 
     def test(self, tasks: int | None = None, protocol: str | None = None) -> EvalResult:
@@ -170,7 +259,7 @@ class TrainingRun:
         sampler = self._sampler("test", self.config.seed + 2)
         return evaluate(
             self.learner,
-            sampler.sample,
+            lambda n: self._draw(sampler, n),
             tasks=tasks or self.config.test_tasks,
             protocol=protocol or self.config.eval_protocol,
             device=self.device,
@@ -182,10 +271,16 @@ class TrainingRun:
         out_of_time = budget is not None and self.progress.train_seconds >= budget
         return self.progress.iteration >= self.config.iterations or out_of_time
 
-    def _after_step(self, log: MetricsLog, record: dict[str, Any]) -> None:
-        log.write(record)
+    def _after_step(self, log: MetricsLog | None, record: dict[str, Any]) -> None:
         it = self.progress.iteration
-        if it % self.config.val_every == 0 or self._finished():
+        validate = it % self.config.val_every == 0 or self._finished()
+        save = it % self.config.checkpoint_every == 0 or self._finished()
+        if self.dist.enabled and (validate or save):
+            self._rank_states = gather_to_main(self._rank_state(), self.dist)
+        if log is None:  # ranks other than 0 neither log, validate nor write
+            return
+        log.write(record)
+        if validate:
             result = self.validate()
             log.write(
                 {
@@ -199,11 +294,15 @@ class TrainingRun:
             if result.mean > self.progress.best_val:
                 self.progress.best_val = result.mean
                 self.checkpoint(BEST)
-        if it % self.config.checkpoint_every == 0 or self._finished():
+        if save:
             self.checkpoint(LAST)
 
-    def fit(self, log: MetricsLog) -> None:
-        """Meta-train until ``iterations`` (or ``time_budget`` seconds of training)."""
+    def fit(self, log: MetricsLog | None) -> None:
+        """Meta-train until ``iterations`` (or ``time_budget`` seconds of training).
+
+        Args:
+            log: the metrics log (``None`` on ranks other than 0, which only compute).
+        """
         bar = tqdm(
             total=self.config.iterations,
             initial=self.progress.iteration,
@@ -236,20 +335,59 @@ def train(
     With ``resume`` the run in ``run_dir`` continues from ``last.pt`` with its saved
     configuration, and ends with exactly the parameters an uninterrupted run would have.
 
+    With ``config.distributed`` the process joins the process group torchrun set up; rank 0
+    alone writes ``run_dir`` (to resume, every rank reads ``last.pt``, so on several nodes
+    ``run_dir`` must be on a shared filesystem). A failed or timed-out peer raises
+    :class:`~mrmeta.distributed.DistributedError` instead of hanging.
+
     Returns:
-        The contents of ``result.json``.
+        The contents of ``result.json`` (on ranks other than 0: an empty dict).
     """
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume)
     if resume:
+        prepare_run_dir(run_dir, resume)
         config = TrainConfig.from_dict(
             load_checkpoint(run_dir / LAST)["config"], source="checkpoint"
         )
-    run = TrainingRun(config, run_dir, progress=progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_undeclared_launch(config)
+    ctx = DistContext()
+    if config.distributed:
+        ctx = init_distributed(config.device, config.dist_timeout)
+    try:
+        return _train(config, run_dir, ctx, resume=resume, progress=progress)
+    except DistributedError as err:
+        raise DistributedError(
+            f"{err}; the last checkpoint is {run_dir / LAST}: relaunch the same torchrun "
+            "command with --resume to continue"
+        ) from err
+    finally:
+        shutdown(ctx)
+
+
+def _refuse_undeclared_launch(config: TrainConfig) -> None:
+    """Several processes without ``--distributed`` would each train the whole run alone."""
+    world = launched_world_size()
+    if world > 1 and not config.distributed:
+        raise ConfigError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but --distributed is off, so "
+            "each would train the whole run alone; add --distributed (a resumed run keeps the "
+            "setting it was started with)"
+        )
+
+
+def _train(
+    config: TrainConfig, run_dir: Path, ctx: DistContext, *, resume: bool, progress: bool
+) -> dict[str, Any]:
+    if not resume:
+        check_on_main(lambda: prepare_run_dir(run_dir, resume=False), ctx)
+    run = TrainingRun(config, run_dir, progress=progress and ctx.is_main, dist=ctx)
     if resume:
         run.load_state_dict(load_checkpoint(run_dir / LAST))
-    else:
+    if not ctx.is_main:
+        run.fit(None)
+        return {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
         config.save(run_dir / CONFIG_FILE)
     log = MetricsLog(run_dir, resume_iteration=run.progress.iteration if resume else None)
     try:
