@@ -1,6 +1,15 @@
 """mrmeta: memory-reduced meta-learning and the baselines it is compared against."""
 
-from mrmeta.algorithms import MemoryReduced, MetaLearner, StepStats
+from mrmeta.algorithms import (
+    ANIL,
+    FOMAML,
+    IMAML,
+    MAML,
+    ITDBiO,
+    MemoryReduced,
+    MetaLearner,
+    StepStats,
+)
 from mrmeta.implicit import CGResult, Hypergradient, conjugate_gradient, hypergradient
 from mrmeta.inner import gradient_descent, unrolled_gradient_descent
 from mrmeta.memory import format_bytes, measure_peak_memory
@@ -10,6 +19,11 @@ from mrmeta.tasks import TaskBatch
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANIL",
+    "FOMAML",
+    "IMAML",
+    "ITDBiO",
+    "MAML",
     "CGResult",
     "Conv4",
     "Conv4Backbone",

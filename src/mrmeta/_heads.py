@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mrmeta._tree import TensorDict
+from mrmeta._validation import check_finite_number
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -78,3 +79,26 @@ def linear_head_lipschitz(features: Tensor, loss: str, out_dim: int, l2: float) 
     spectral_sq = torch.linalg.matrix_norm(design, ord=2).pow(2)
     c = 0.5 if loss == "cross_entropy" else 2.0 / out_dim
     return c * spectral_sq / features.shape[1] + l2
+
+
+def task_features(backbone: nn.Module, x: Tensor) -> Tensor:
+    """Backbone features of a task batch: ``(T, n, *input)`` → ``(T, n, d)``.
+
+    Backbones that declare ``supports_task_batches`` take the whole batch at once (keeping
+    BatchNorm statistics per task); any other module is called once per task.
+    """
+    if getattr(backbone, "supports_task_batches", False):
+        return backbone(x)
+    return torch.stack([backbone(x_t) for x_t in x])
+
+
+def check_inner_lr(inner_lr: object, head: nn.Module) -> float | str:
+    """``"auto"`` (linear heads only) or a finite positive number."""
+    if inner_lr == "auto":
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                "inner_lr='auto' needs an nn.Linear head (its curvature bound is known); "
+                f"got {type(head).__name__}: pass a number for inner_lr"
+            )
+        return "auto"
+    return check_finite_number("inner_lr", inner_lr, positive=True)

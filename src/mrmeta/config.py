@@ -32,8 +32,8 @@ class TrainConfig:
     """Everything a training run depends on; saved as ``config.json`` in the run folder.
 
     Defaults are the quick start: Omniglot 5-way 1-shot with ``mrml`` in about ten minutes on
-    two CPU cores. ``inner_lr = None`` takes the algorithm's own default (``"auto"`` for the
-    head-only methods, 0.4 for MAML/iMAML on the whole network). ``distributed`` shards each
+    two CPU cores. ``inner_steps = None`` and ``inner_lr = None`` take the algorithm's own
+    defaults (see ``mrmeta._factory.ALGORITHM_DEFAULTS``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision.
     """
@@ -48,9 +48,9 @@ class TrainConfig:
     meta_batch: int = 16
     iterations: int = 300
     time_budget: float | None = None
-    inner_steps: int = 20
+    inner_steps: int | None = None
     inner_lr: float | str | None = None
-    cg_iters: int = 20
+    cg_iters: int | None = None
     l2: float = 0.01
     reg: float = 2.0
     warm_start_head: bool = False
@@ -92,7 +92,11 @@ class TrainConfig:
             "max_skipped",
         ):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("queries", "inner_steps", "cg_iters"):
+        if self.inner_steps is not None:
+            _check_int("inner_steps", self.inner_steps, minimum=0)
+        if self.cg_iters is not None:
+            _check_int("cg_iters", self.cg_iters, minimum=0)
+        for name in ("queries",):
             _check_int(name, getattr(self, name), minimum=0)
         _check_int("seed", self.seed, minimum=0)
         for name in ("lr", "l2", "reg", "dist_timeout"):

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mrmeta._heads import batched_head_forward, task_accuracies, task_losses
+from mrmeta._heads import batched_head_forward, task_accuracies, task_features, task_losses
 from mrmeta.algorithms.base import MetaLearner
-from mrmeta.algorithms.memory_reduced import task_features
 from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
 

@@ -181,7 +181,7 @@ def _grads(output: Tensor, *inputs: TensorDict) -> tuple[TensorDict, ...]:
     )
 
 
-def _vjp(outputs: TensorDict, inputs: TensorDict, cotangent: TensorDict) -> TensorDict:
+def vjp_dict(outputs: TensorDict, inputs: TensorDict, cotangent: TensorDict) -> TensorDict:
     """``Σ_k (∂ outputs[k] / ∂ inputs)ᵀ cotangent[k]`` keeping the graph for more products."""
     keys = list(outputs)
     grads = torch.autograd.grad(
@@ -246,9 +246,14 @@ def hypergradient(
             zip(phi_l, torch.autograd.grad(g, list(phi_l.values()), create_graph=True), strict=True)
         )
         cg = conjugate_gradient(
-            lambda v: _vjp(grad_phi_g, phi_l, v), b, v0, iters=cg_iters, tol=tol, batched=batched
+            lambda v: vjp_dict(grad_phi_g, phi_l, v),
+            b,
+            v0,
+            iters=cg_iters,
+            tol=tol,
+            batched=batched,
         )
-        mixed = _vjp(grad_phi_g, theta_l, cg.solution)
+        mixed = vjp_dict(grad_phi_g, theta_l, cg.solution)
     grad = {k: (grad_f_theta[k] - mixed[k]).detach() for k in theta_l}
     solution = {k: t.detach() for k, t in cg.solution.items()}
     return Hypergradient(grad, solution, cg, f.detach())

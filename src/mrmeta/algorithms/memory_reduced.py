@@ -9,10 +9,12 @@ from torch import Tensor, nn
 
 from mrmeta._heads import (
     batched_head_forward,
+    check_inner_lr,
     check_loss_name,
     l2_penalty,
     linear_head_lipschitz,
     task_accuracies,
+    task_features,
     task_losses,
 )
 from mrmeta._tree import TensorDict, tree_norm
@@ -21,17 +23,6 @@ from mrmeta.algorithms.base import MetaLearner, StepStats, mean_or_none
 from mrmeta.implicit import hypergradient
 from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
-
-
-def task_features(backbone: nn.Module, x: Tensor) -> Tensor:
-    """Backbone features of a task batch: ``(T, n, *input)`` → ``(T, n, d)``.
-
-    Backbones that declare ``supports_task_batches`` take the whole batch at once (keeping
-    BatchNorm statistics per task); any other module is called once per task.
-    """
-    if getattr(backbone, "supports_task_batches", False):
-        return backbone(x)
-    return torch.stack([backbone(x_t) for x_t in x])
 
 
 class MemoryReduced(MetaLearner):
@@ -105,7 +96,7 @@ class MemoryReduced(MetaLearner):
         self.backbone, self.head = backbone, head
         self.inner_steps = check_positive_int("inner_steps", inner_steps, minimum=0)
         self.cg_iters = check_positive_int("cg_iters", cg_iters, minimum=0)
-        self.inner_lr = _check_inner_lr(inner_lr, head)
+        self.inner_lr = check_inner_lr(inner_lr, head)
         self.l2 = check_finite_number("l2", l2)
         self.loss = check_loss_name(loss)
         self.cg_tol = check_finite_number("cg_tol", cg_tol)
@@ -299,18 +290,6 @@ class MemoryReduced(MetaLearner):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._slot_heads = state.get("slot_heads")
         self._slot_cg = state.get("slot_cg")
-
-
-def _check_inner_lr(inner_lr: object, head: nn.Module) -> float | str:
-    """``"auto"`` (linear heads only) or a finite positive number."""
-    if inner_lr == "auto":
-        if not isinstance(head, nn.Linear):
-            raise ValueError(
-                "inner_lr='auto' needs an nn.Linear head (its curvature bound is known); "
-                f"got {type(head).__name__}: pass a number for inner_lr"
-            )
-        return "auto"
-    return check_finite_number("inner_lr", inner_lr, positive=True)
 
 
 def _covers(saved: TensorDict, slots: int) -> bool:
