@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mrmeta import Conv4, TaskBatch
-from mrmeta.algorithms._unrolled import ChunkedLearner
 from mrmeta.algorithms.anil import ANIL
+from mrmeta.algorithms.base import ChunkedLearner
 from mrmeta.algorithms.imaml import IMAML
 from mrmeta.algorithms.itd_bio import ITDBiO
 from mrmeta.algorithms.maml import FOMAML, MAML

@@ -202,3 +202,27 @@ def test_fixed_budget_runs_every_iteration_and_residual_decreases_overall() -> N
     # error), so check the trend: each block of 4 steps ends lower than it started.
     assert all(float(norms[i + 4]) < float(norms[i]) for i in range(0, iters - 3, 4))
     assert float(norms[-1]) < 0.5 * float(norms[0])
+
+
+def test_batched_breakdown_freezes_only_the_failing_system() -> None:
+    """One indefinite and one SPD system solved together: the SPD one still converges
+    (to 1e-10 of the dense solve, float64) and ``failed`` names the other."""
+    gen = torch.Generator().manual_seed(11)
+    dim = 6
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    indefinite = q @ torch.diag(torch.linspace(-1.0, 2.0, dim, dtype=torch.float64)) @ q.T
+    m = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    spd = m @ m.T + dim * torch.eye(dim, dtype=torch.float64)
+    mats = torch.stack([indefinite, spd])
+    rhs = torch.randn(2, dim, generator=gen, dtype=torch.float64)
+    out = conjugate_gradient(
+        lambda v: {"x": torch.einsum("bij,bj->bi", mats, v["x"])},
+        {"x": rhs},
+        iters=3 * dim,
+        batched=True,
+    )
+    assert out.breakdown is not None and "not positive definite" in out.breakdown
+    assert out.failed.tolist() == [True, False]
+    assert torch.isfinite(out.solution["x"]).all()
+    expected = torch.linalg.solve(spd, rhs[1])
+    assert torch.allclose(out.solution["x"][1], expected, rtol=1e-10, atol=1e-10)

@@ -103,6 +103,20 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.data
 @needs_omniglot
+@pytest.mark.parametrize("algo", ["anil", "itd-bio", "maml", "fomaml", "imaml"])
+def test_every_algorithm_trains_from_the_command_line(tmp_path: Path, capsys, algo: str) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = _run(
+        ["train", "--algo", algo, *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys
+    )
+    assert code == 0, err
+    assert "test accuracy" in stdout
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["algo"] == algo and saved["iterations"] == 2
+
+
+@pytest.mark.data
+@needs_omniglot
 def test_config_file_and_flags_override(tmp_path: Path, capsys) -> None:
     config = tmp_path / "run.toml"
     config.write_text("iterations = 2\nways = 4\nl2 = 0.5\n")
@@ -188,6 +202,8 @@ BAD_INPUTS = [
     (["--lr", "-1"], "lr must be > 0"),
     (["--inner-lr", "inf"], "inner_lr must be a finite number"),
     (["--data-root", "/nonexistent/mrmeta-data"], "MRMETA_DATA"),
+    (["--dataset", "sinusoid"], "not an image benchmark"),
+    (["--meta-batch", "0"], "meta_batch must be an integer >= 1"),
 ]
 
 

@@ -49,6 +49,13 @@ def tree_axpy(
     return {k: y[k] + expand_like(alpha, x[k], batched) * x[k] for k in y}
 
 
+def tree_where(
+    mask: Tensor, a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, batched: bool = False
+) -> TensorDict:
+    """``a`` where ``mask`` holds, else ``b``; ``mask`` is 0-d, or ``(B,)`` when ``batched``."""
+    return {k: torch.where(expand_like(mask, a[k], batched), a[k], b[k]) for k in a}
+
+
 def tree_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> TensorDict:
     """``a - b`` key by key."""
     return {k: a[k] - b[k] for k in a}
@@ -62,9 +69,3 @@ def tree_zeros_like(a: Mapping[str, Tensor]) -> TensorDict:
 def tree_detach(a: Mapping[str, Tensor]) -> TensorDict:
     """Detached copies (sharing storage) of every tensor."""
     return {k: v.detach() for k, v in a.items()}
-
-
-def tree_all_finite(a: Mapping[str, Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one device sync)."""
-    flags = [torch.isfinite(v).all() for v in a.values()]
-    return bool(torch.stack(flags).all()) if flags else True

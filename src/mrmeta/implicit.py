@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_sub, tree_zeros_like
+from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_sub, tree_where, tree_zeros_like
 from mrmeta._validation import (
     check_finite_number,
     check_loss_call,
@@ -44,6 +44,8 @@ class CGResult:
         breakdown: ``None``, or why the solve stopped early without converging (a non-positive
             curvature ``pᵀHp ≤ 0`` — ``H`` not positive definite — or a non-finite value). The
             iterate before the failing step is returned.
+        failed: bool, 0-d or ``(B,)``: which systems broke down. With ``batched`` a failing
+            system is frozen at its last good iterate while the others go on.
     """
 
     solution: TensorDict
@@ -51,6 +53,7 @@ class CGResult:
     iterations: int
     converged: bool
     breakdown: str | None = None
+    failed: Tensor | None = None
 
     @property
     def residual(self) -> Tensor:
@@ -69,13 +72,19 @@ def _cg_state(hvp: HVP, b: TensorDict, x0: Mapping[str, Tensor] | None) -> tuple
     return x, r, dict(r)
 
 
-def _cg_breakdown(curvature: Tensor, active: Tensor) -> str | None:
-    """Name the failure if ``pᵀHp`` is non-finite or non-positive on an unconverged problem."""
-    if not bool(torch.isfinite(curvature).all()):
-        return "non-finite value in the Hessian-vector product (check the losses for NaN/inf)"
-    if bool((active & (curvature <= 0)).any()):
-        return "non-positive curvature pᵀHp ≤ 0: the Hessian is not positive definite there"
-    return None
+def _cg_failures(curvature: Tensor, active: Tensor) -> tuple[Tensor, str | None]:
+    """Systems whose ``pᵀHp`` is non-finite or non-positive while unconverged, and why."""
+    non_finite = active & ~torch.isfinite(curvature)
+    non_positive = active & ~non_finite & (curvature <= 0)
+    if bool(non_finite.any()):
+        return non_finite | non_positive, (
+            "non-finite value in the Hessian-vector product (check the losses for NaN/inf)"
+        )
+    if bool(non_positive.any()):
+        return non_positive, (
+            "non-positive curvature pᵀHp ≤ 0: the Hessian is not positive definite there"
+        )
+    return non_positive, None
 
 
 def conjugate_gradient(
@@ -119,29 +128,31 @@ def conjugate_gradient(
     b = check_tensor_dict("b", b)
     x, r, p = _cg_state(hvp, b, x0)
     rr = tree_dot(r, r, batched=batched)
-    norms = [rr.sqrt()]
+    norms, failed = [rr.sqrt()], torch.zeros_like(rr, dtype=torch.bool)
     breakdown, n_done = None, 0
     for _ in range(iters):
-        active = rr.sqrt() > tol
+        active = ~failed & (rr.sqrt() > tol)
         if not bool(active.any()):
             break
         h = hvp(p)
         curvature = tree_dot(p, h, batched=batched)
-        breakdown = _cg_breakdown(curvature, active)
-        if breakdown is not None:
+        bad, reason = _cg_failures(curvature, active)
+        failed, active = failed | bad, active & ~bad
+        breakdown = breakdown or reason
+        if not bool(active.any()):
             break
         safe = torch.where(active, curvature, torch.ones_like(curvature))
         eta = torch.where(active, rr / safe, torch.zeros_like(rr))
-        x = tree_axpy(eta, p, x, batched=batched)
-        r = tree_axpy(-eta, h, r, batched=batched)
-        rr_new = tree_dot(r, r, batched=batched)
+        x = tree_where(active, tree_axpy(eta, p, x, batched=batched), x, batched=batched)
+        r = tree_where(active, tree_axpy(-eta, h, r, batched=batched), r, batched=batched)
+        rr_new = torch.where(active, tree_dot(r, r, batched=batched), rr)
         zeta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)), 0 * rr)
-        p = tree_axpy(zeta, p, r, batched=batched)
+        p = tree_where(active, tree_axpy(zeta, p, r, batched=batched), p, batched=batched)
         rr, n_done = rr_new, n_done + 1
         norms.append(rr.sqrt())
     residuals = torch.stack(norms)
     converged = breakdown is None and bool((residuals[-1] <= tol).all())
-    return CGResult(x, residuals, n_done, converged, breakdown)
+    return CGResult(x, residuals, n_done, converged, breakdown, failed)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from mrmeta._checkpoint import (
     write_json,
 )
 from mrmeta._factory import build_learner, build_model, build_optimizer
-from mrmeta.algorithms.base import MetaLearner, StepStats
+from mrmeta.algorithms.base import CHUNK_STAT_KEYS, MetaLearner, StepStats
 from mrmeta.config import ConfigError, TrainConfig
-from mrmeta.data import TaskSampler, load_dataset
+from mrmeta.data import FewShotDataset, TaskSampler, load_dataset
 from mrmeta.distributed import (
     DistContext,
     DistributedError,
@@ -87,6 +87,19 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def load_image_splits(config: TrainConfig) -> dict[str, FewShotDataset]:
+    """The train/val/test splits of an image benchmark (the command trains Conv4 on images)."""
+    options = {"root": config.data_root, "download": config.download}
+    splits = {s: load_dataset(config.dataset, s, **options) for s in ("train", "val", "test")}
+    if not all(isinstance(d, FewShotDataset) for d in splits.values()):
+        raise ConfigError(
+            f"--dataset {config.dataset} is not an image benchmark; 'mrmeta train' trains Conv4 "
+            "on images (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet). Use "
+            "mrmeta.data.SinusoidTasks from Python for regression"
+        )
+    return splits
+
+
 class TrainingRun:
     """One run folder: builds everything from the config, trains, validates, tests.
 
@@ -118,10 +131,7 @@ class TrainingRun:
         self.local_batch = shard_size(config.meta_batch, self.dist.world_size)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        split_options = {"root": config.data_root, "download": config.download}
-        self.splits = {
-            s: load_dataset(config.dataset, s, **split_options) for s in ("train", "val", "test")
-        }
+        self.splits = load_image_splits(config)
         torch.manual_seed(config.seed)
         image_shape = tuple(self.splits["train"].images.shape[1:])
         self.model = build_model(config, image_shape)
@@ -222,7 +232,7 @@ class TrainingRun:
         and peak memory of the slowest / largest rank. Identical on every rank."""
         if not self.dist.enabled:
             return stats, seconds, peak
-        keys = ("loss", "accuracy", "inner_grad_norm", "cg_residual")
+        keys = CHUNK_STAT_KEYS
         local = [getattr(stats, k) for k in keys]
         rows = gather_rows([0.0 if v is None else v for v in local] + [seconds, peak], self.dist)
         means = rows[:, : len(keys)].mean(0).tolist()

@@ -11,8 +11,7 @@
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -21,22 +20,21 @@ from torch.func import functional_call
 
 from mrmeta._heads import (
     batched_head_forward,
-    check_inner_lr,
     check_loss_name,
-    l2_penalty,
-    linear_head_lipschitz,
-    task_accuracies,
     task_features,
     task_losses,
 )
-from mrmeta._tree import TensorDict, tree_detach, tree_norm, tree_zeros_like
+from mrmeta._tree import TensorDict, tree_detach
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.algorithms.base import MetaLearner, StepStats, mean_or_none
+from mrmeta.algorithms._head import HeadLearner
+from mrmeta.algorithms.base import (
+    ChunkedLearner,
+    ChunkStats,
+    query_stats,
+    task_grad_norm,
+)
 from mrmeta.inner import gradient_descent, unrolled_gradient_descent
 from mrmeta.tasks import TaskBatch
-
-ChunkStats = dict[str, Tensor]
-STAT_KEYS = ("loss", "accuracy", "inner_grad_norm", "cg_residual")
 
 
 # --------------------------------------------------------------------------- functional helpers
@@ -79,31 +77,6 @@ def requiring_grad(module: nn.Module) -> TensorDict:
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 
-def accumulate_grad(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
-    """``params[k].grad += grads[k]`` (created when ``None``)."""
-    for name, param in params.items():
-        share = grads[name].detach()
-        param.grad = share.clone() if param.grad is None else param.grad + share
-
-
-def task_grad_norm(objective: Callable[[TensorDict], Tensor], phi: Mapping[str, Tensor]) -> Tensor:
-    """``‖∇_φ g_t(φ_t)‖`` per task, ``(T,)``, at a detached copy of ``φ`` (``φ`` is ``(T, …)``
-    and ``objective`` sums the per-task losses)."""
-    with torch.enable_grad():
-        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-        grads = torch.autograd.grad(objective(leaves), list(leaves.values()))
-    return tree_norm(dict(zip(leaves, grads, strict=True)), batched=True)
-
-
-def query_stats(pred: Tensor, target: Tensor, loss: str) -> ChunkStats:
-    """Detached mean query loss (and accuracy for classification) of a chunk."""
-    with torch.no_grad():
-        stats = {"loss": task_losses(pred, target, loss).mean()}
-        if loss == "cross_entropy":
-            stats["accuracy"] = task_accuracies(pred, target).mean()
-    return stats
-
-
 def backward_query_loss(pred: Tensor, target: Tensor, loss: str, batch_size: int) -> ChunkStats:
     """Back-propagate ``(1/B) Σ_t f_t`` of a chunk into ``.grad``; return its statistics.
 
@@ -118,49 +91,6 @@ def backward_query_loss(pred: Tensor, target: Tensor, loss: str, batch_size: int
 
 
 # --------------------------------------------------------------------------- base classes
-class ChunkedLearner(MetaLearner):
-    """A :class:`MetaLearner` that processes its task batch in chunks.
-
-    Subclasses implement :meth:`_chunk_meta_gradient` (accumulate one chunk's share of the
-    meta-gradient, return its statistics) and :meth:`_chunk_predict`.
-
-    Args:
-        chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
-    """
-
-    def __init__(self, chunk_size: int | None) -> None:
-        super().__init__()
-        self.chunk_size = (
-            None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
-        )
-
-    @abstractmethod
-    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
-        """Add ``(1/B) Σ_{t ∈ chunk} ∇ f_t`` to ``.grad``; return per-chunk means (0-d)."""
-
-    @abstractmethod
-    def _chunk_predict(self, chunk: TaskBatch) -> Tensor:
-        """Adapt to the chunk's supports, predict its queries: ``(T, n_query, out)``."""
-
-    def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
-        """The method's meta-gradient of the batch's mean query loss, added to ``.grad``."""
-        sizes, per_chunk = [], []
-        for chunk in batch.chunks(self.chunk_size):
-            per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks))
-            sizes.append(chunk.num_tasks)
-        return StepStats(
-            **{
-                key: mean_or_none([s[key] for s in per_chunk if key in s], sizes)
-                for key in STAT_KEYS
-            }
-        )
-
-    @torch.no_grad()
-    def predict(self, batch: TaskBatch) -> Tensor:
-        """Adapt on the support sets, predict the queries: ``(B, n_query, out)``."""
-        return torch.cat([self._chunk_predict(chunk) for chunk in batch.chunks(self.chunk_size)])
-
-
 class WholeNetworkLearner(ChunkedLearner):
     """Base of the methods that adapt every parameter of ``model`` that requires grad.
 
@@ -176,7 +106,12 @@ class WholeNetworkLearner(ChunkedLearner):
     """
 
     def __init__(
-        self, model: nn.Module, *, inner_steps: int, inner_lr: float, loss: str,
+        self,
+        model: nn.Module,
+        *,
+        inner_steps: int,
+        inner_lr: float,
+        loss: str,
         chunk_size: int | None,
     ) -> None:
         super().__init__(chunk_size)
@@ -204,7 +139,9 @@ class WholeNetworkLearner(ChunkedLearner):
         theta = per_task(tree_detach(requiring_grad(self.model)), support_x.shape[0])
         return gradient_descent(
             lambda phi: self.inner_objective(support_x, support_y, phi, theta),
-            theta, steps=self.inner_steps, lr=self.inner_lr,
+            theta,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
         )
 
     def _chunk_predict(self, chunk: TaskBatch) -> Tensor:
@@ -212,30 +149,19 @@ class WholeNetworkLearner(ChunkedLearner):
         return batched_forward(self.model, phi, chunk.query_x)
 
 
-class HeadUnrolledLearner(ChunkedLearner):
+class HeadUnrolledLearner(HeadLearner):
     r"""Base of ANIL and ITD-BiO: head-only inner loop, differentiated through its ``K`` steps.
 
-    For task ``t`` with support features ``Z_s = backbone(x_s)`` and query features ``Z_q``
-    (each computed once, in the graph of the backbone):
-
-    * ``φ⁰`` = the head's parameters (learned when ``learn_head_init``; else a constant);
-    * ``φ^{k+1} = φ^k − λ ∇_φ g_t(φ^k)`` with ``g_t(φ) = L(head_φ(Z_s), y_s) + μ/2 ‖φ‖²``, kept
-      in the graph (``create_graph`` unless ``first_order``);
-    * meta-gradient ``∇_{θ, φ⁰} (1/B) Σ_t L(head_{φ^K}(Z_q), y_q)`` by back-propagation
-      through the steps into the backbone (memory linear in ``K`` on the head's tensors).
+    The lower level is :class:`~mrmeta.algorithms._head.HeadLearner`'s. Support and query
+    features are computed once per task, in the graph of the backbone; the ``K`` steps are kept
+    in the graph (``create_graph`` unless ``first_order``) and the meta-gradient
+    ``∇_{θ, φ⁰} (1/B) Σ_t L(head_{φ^K}(Z_q), y_q)`` is back-propagated through them into the
+    backbone (memory linear in ``K`` on the head's tensors only).
 
     Args:
-        backbone: maps ``(n, *input)`` to ``(n, d)``.
-        head: the per-task module ``φ``.
-        inner_steps: ``K ≥ 0``.
-        inner_lr: ``λ > 0``, or ``"auto"`` for ``1/L_t`` per task from
-            :func:`~mrmeta._heads.linear_head_lipschitz` on the detached features (``nn.Linear``
-            heads only).
-        loss: ``"cross_entropy"`` or ``"mse"``.
-        chunk_size: tasks processed together.
+        backbone, head, inner_steps, inner_lr, loss, chunk_size, l2, learn_head_init: see
+            :class:`~mrmeta.algorithms._head.HeadLearner`.
         first_order: treat the inner gradients as constants.
-        learn_head_init: meta-learn ``φ⁰`` (ANIL) or keep it fixed (ITD-BiO).
-        l2: ``μ ≥ 0``.
     """
 
     def __init__(
@@ -251,69 +177,42 @@ class HeadUnrolledLearner(ChunkedLearner):
         learn_head_init: bool,
         l2: float,
     ) -> None:
-        super().__init__(chunk_size)
-        self.backbone, self.head = backbone, head
-        self.inner_steps = check_positive_int("inner_steps", inner_steps, minimum=0)
-        self.inner_lr = check_inner_lr(inner_lr, head)
-        self.loss = check_loss_name(loss)
-        self.l2 = check_finite_number("l2", l2)
+        super().__init__(
+            backbone,
+            head,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            loss=loss,
+            chunk_size=chunk_size,
+            l2=l2,
+            learn_head_init=learn_head_init,
+        )
         self.first_order = bool(first_order)
-        self.learn_head_init = bool(learn_head_init)
-        head.requires_grad_(self.learn_head_init)
 
-    def _head_init(self, tasks: int) -> TensorDict:
+    def _differentiable_start(self, tasks: int) -> TensorDict:
         """``φ⁰`` per task ``(T, *shape)``: in the graph of the head when learned, else a fresh
         leaf (the unrolled steps differentiate with respect to it)."""
-        params = dict(self.head.named_parameters())
         if self.learn_head_init:
-            return per_task(params, tasks)
-        return {k: v.requires_grad_(True) for k, v in per_task(tree_detach(params), tasks).items()}
+            return per_task(dict(self.head.named_parameters()), tasks)
+        return {k: v.clone().requires_grad_(True) for k, v in self.head_start(tasks).items()}
 
-    def lower_objective(self, features: Tensor, labels: Tensor, phi: TensorDict) -> Tensor:
-        """``Σ_t g_t(φ_t)`` for support ``features (T, n, d)`` and ``labels (T, n)``."""
-        total = task_losses(batched_head_forward(self.head, phi, features), labels, self.loss)
-        if self.l2 > 0:
-            total = total + l2_penalty(phi, tree_zeros_like(phi), self.l2)
-        return total.sum()
-
-    def _step_size(self, features: Tensor) -> Tensor | float:
-        """``λ``, or ``1/L_t`` per task ``(T,)`` (never differentiated) when ``"auto"``."""
-        if self.inner_lr != "auto":
-            return float(self.inner_lr)
-        out_dim = self.head.weight.shape[0]
-        return 1.0 / linear_head_lipschitz(features.detach(), self.loss, out_dim, self.l2)
-
-    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
+    def _chunk_meta_gradient(
+        self, chunk: TaskBatch, batch_size: int, offset: int = 0
+    ) -> ChunkStats:
         zs = task_features(self.backbone, chunk.support_x)
         zq = task_features(self.backbone, chunk.query_x)
+        center = self.l2_center(chunk.num_tasks)
         phi = unrolled_gradient_descent(
-            lambda p: self.lower_objective(zs, chunk.support_y, p),
-            self._head_init(chunk.num_tasks),
-            steps=self.inner_steps, lr=self._step_size(zs), first_order=self.first_order,
+            lambda p: self.lower_objective(zs, chunk.support_y, p, center),
+            self._differentiable_start(chunk.num_tasks),
+            steps=self.inner_steps,
+            lr=self.step_size(zs),
+            first_order=self.first_order,
         )
         pred = batched_head_forward(self.head, phi, zq)
         stats = backward_query_loss(pred, chunk.query_y, self.loss, batch_size)
         zs_d = zs.detach()
         stats["inner_grad_norm"] = task_grad_norm(
-            lambda p: self.lower_objective(zs_d, chunk.support_y, p), phi
+            lambda p: self.lower_objective(zs_d, chunk.support_y, p, center), phi
         ).mean()
         return stats
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> TensorDict:
-        """``K`` head steps from ``φ⁰`` without a graph: per-task head parameters ``(T, *shape)``.
-
-        Args:
-            support_x: ``(T, n, *input)``.
-            support_y: ``(T, n)`` labels (or ``(T, n, out)`` targets).
-        """
-        with torch.no_grad():
-            zs = task_features(self.backbone, support_x)
-        start = per_task(tree_detach(dict(self.head.named_parameters())), zs.shape[0])
-        return gradient_descent(
-            lambda p: self.lower_objective(zs, support_y, p),
-            start, steps=self.inner_steps, lr=self._step_size(zs),
-        )
-
-    def _chunk_predict(self, chunk: TaskBatch) -> Tensor:
-        phi = self.adapt(chunk.support_x, chunk.support_y)
-        return batched_head_forward(self.head, phi, task_features(self.backbone, chunk.query_x))

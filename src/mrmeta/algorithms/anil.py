@@ -56,6 +56,13 @@ class ANIL(HeadUnrolledLearner):
         first_order: bool = False,
     ) -> None:
         super().__init__(
-            backbone, head, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-            chunk_size=chunk_size, first_order=first_order, learn_head_init=True, l2=0.0,
+            backbone,
+            head,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            loss=loss,
+            chunk_size=chunk_size,
+            first_order=first_order,
+            learn_head_init=True,
+            l2=0.0,
         )

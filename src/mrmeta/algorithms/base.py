@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
 
+from mrmeta._heads import task_accuracies, task_losses
+from mrmeta._tree import TensorDict, tree_norm
+from mrmeta._validation import check_positive_int
 from mrmeta.tasks import TaskBatch
+
+ChunkStats = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,8 @@ class StepStats:
         inner_grad_norm: mean ``‖∇_φ g(θ, φ^K)‖`` — how well the lower level was solved
             (``None`` where the method has no separate lower level).
         cg_residual: mean final CG residual ``‖∇_φ f − H v‖`` (``None`` without CG).
+        cg_breakdowns: fraction of tasks whose CG stopped on non-positive curvature or a
+            non-finite value (``None`` without CG); such a task keeps its last good ``v``.
         grad_norm: norm of the meta-gradient over all meta-parameters.
         skipped: the optimizer step was skipped because a value was not finite.
     """
@@ -31,12 +38,19 @@ class StepStats:
     accuracy: float | None = None
     inner_grad_norm: float | None = None
     cg_residual: float | None = None
+    cg_breakdowns: float | None = None
     grad_norm: float = math.nan
     skipped: bool = False
 
     def as_dict(self) -> dict[str, float | bool | None]:
         """Plain dict, for logging."""
         return asdict(self)
+
+
+# The statistics a learner measures per chunk of tasks (the rest come from meta_step).
+CHUNK_STAT_KEYS = tuple(
+    f.name for f in fields(StepStats) if f.name not in ("grad_norm", "skipped")
+)
 
 
 def mean_or_none(values: list[Tensor], weights: list[int]) -> float | None:
@@ -96,12 +110,91 @@ class MetaLearner(nn.Module, ABC):
         """
         optimizer.zero_grad(set_to_none=True)
         stats = self.compute_meta_gradient(batch)
+        if not math.isfinite(stats.loss):  # make the gradient say so too (seen by every rank)
+            for param in self.meta_parameters():
+                param.grad = torch.full_like(param, math.nan)
         if reduce_gradients is not None:
             reduce_gradients()
         norm = float(self.meta_gradient_norm())
-        finite = math.isfinite(norm) and math.isfinite(stats.loss)
+        finite = math.isfinite(norm)
         if finite:
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
         return replace(stats, grad_norm=norm, skipped=not finite)
+
+
+def accumulate_grad(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
+    """``params[k].grad += grads[k]`` (created when ``None``)."""
+    for name, param in params.items():
+        share = grads[name].detach()
+        param.grad = share.clone() if param.grad is None else param.grad + share
+
+
+def task_grad_norm(objective: Callable[[TensorDict], Tensor], phi: Mapping[str, Tensor]) -> Tensor:
+    """``‖∇_φ g_t(φ_t)‖`` per task, ``(T,)``, at a detached copy of ``φ`` (``φ`` is ``(T, …)``
+    and ``objective`` sums the per-task losses)."""
+    with torch.enable_grad():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        grads = torch.autograd.grad(objective(leaves), list(leaves.values()))
+    return tree_norm(dict(zip(leaves, grads, strict=True)), batched=True)
+
+
+def query_stats(pred: Tensor, target: Tensor, loss: str) -> ChunkStats:
+    """Detached mean query loss (and accuracy for classification) of a chunk."""
+    with torch.no_grad():
+        stats = {"loss": task_losses(pred, target, loss).mean()}
+        if loss == "cross_entropy":
+            stats["accuracy"] = task_accuracies(pred, target).mean()
+    return stats
+
+
+class ChunkedLearner(MetaLearner):
+    """A :class:`MetaLearner` that processes its task batch in chunks.
+
+    Subclasses implement :meth:`_chunk_meta_gradient` (accumulate one chunk's share of the
+    meta-gradient, return its statistics) and :meth:`_chunk_predict`; :meth:`_end_batch` runs
+    after the last chunk (e.g. to keep per-slot warm starts).
+
+    Args:
+        chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
+    """
+
+    def __init__(self, chunk_size: int | None) -> None:
+        super().__init__()
+        self.chunk_size = (
+            None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        )
+
+    @abstractmethod
+    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int, offset: int) -> ChunkStats:
+        """Add ``(1/B) Σ_{t ∈ chunk} ∇ f_t`` to ``.grad``; return per-chunk means (0-d).
+
+        ``offset`` is the index of the chunk's first task in the batch (its task slot)."""
+
+    @abstractmethod
+    def _chunk_predict(self, chunk: TaskBatch) -> Tensor:
+        """Adapt to the chunk's supports, predict its queries: ``(T, n_query, out)``."""
+
+    def _end_batch(self) -> None:
+        """Called after the last chunk of :meth:`compute_meta_gradient`; a no-op by default."""
+
+    def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
+        """The method's meta-gradient of the batch's mean query loss, added to ``.grad``."""
+        sizes, per_chunk, offset = [], [], 0
+        for chunk in batch.chunks(self.chunk_size):
+            per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks, offset))
+            sizes.append(chunk.num_tasks)
+            offset += chunk.num_tasks
+        self._end_batch()
+        return StepStats(
+            **{
+                key: mean_or_none([s[key] for s in per_chunk if key in s], sizes)
+                for key in CHUNK_STAT_KEYS
+            }
+        )
+
+    @torch.no_grad()
+    def predict(self, batch: TaskBatch) -> Tensor:
+        """Adapt on the support sets, predict the queries: ``(B, n_query, out)``."""
+        return torch.cat([self._chunk_predict(chunk) for chunk in batch.chunks(self.chunk_size)])

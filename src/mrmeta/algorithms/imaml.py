@@ -9,14 +9,12 @@ from mrmeta._heads import l2_penalty, task_losses
 from mrmeta._tree import TensorDict, tree_norm
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.algorithms._unrolled import (
-    ChunkStats,
     WholeNetworkLearner,
-    accumulate_grad,
     batched_forward,
     per_task,
-    query_stats,
     requiring_grad,
 )
+from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
 from mrmeta.implicit import CGResult, conjugate_gradient, vjp_dict
 from mrmeta.tasks import TaskBatch
 
@@ -112,14 +110,19 @@ class IMAML(WholeNetworkLearner):
             grads = torch.autograd.grad(support, values, create_graph=True)
             grad_s = dict(zip(keys, grads, strict=True))
             cg = conjugate_gradient(
-                lambda v: self._damped_hvp(grad_s, leaves, v), b,
-                iters=self.cg_iters, tol=self.cg_tol, batched=True,
+                lambda v: self._damped_hvp(grad_s, leaves, v),
+                b,
+                iters=self.cg_iters,
+                tol=self.cg_tol,
+                batched=True,
             )
         theta = per_task(requiring_grad(self.model), chunk.num_tasks)
         inner = {k: grad_s[k].detach() + self.reg * (phi[k] - theta[k].detach()) for k in keys}
         return cg, pred.detach(), tree_norm(inner, batched=True)
 
-    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
+    def _chunk_meta_gradient(
+        self, chunk: TaskBatch, batch_size: int, offset: int = 0
+    ) -> ChunkStats:
         phi = self.adapt(chunk.support_x, chunk.support_y)
         cg, pred, inner_norm = self.solve_implicit(chunk, phi)
         shares = {k: v.sum(0) / batch_size for k, v in cg.solution.items()}
@@ -127,4 +130,5 @@ class IMAML(WholeNetworkLearner):
         stats = query_stats(pred, chunk.query_y, self.loss)
         stats["inner_grad_norm"] = inner_norm.mean()
         stats["cg_residual"] = cg.residual.mean()
+        stats["cg_breakdowns"] = cg.failed.to(cg.residual.dtype).mean()
         return stats

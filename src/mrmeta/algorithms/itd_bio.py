@@ -61,6 +61,13 @@ class ITDBiO(HeadUnrolledLearner):
         first_order: bool = False,
     ) -> None:
         super().__init__(
-            backbone, head, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-            chunk_size=chunk_size, first_order=first_order, learn_head_init=False, l2=l2,
+            backbone,
+            head,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            loss=loss,
+            chunk_size=chunk_size,
+            first_order=first_order,
+            learn_head_init=False,
+            l2=l2,
         )

@@ -67,11 +67,16 @@ class MAML(WholeNetworkLearner):
         )
         self.first_order = bool(first_order)
 
-    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
+    def _chunk_meta_gradient(
+        self, chunk: TaskBatch, batch_size: int, offset: int = 0
+    ) -> ChunkStats:
         theta = per_task(requiring_grad(self.model), chunk.num_tasks)
         phi = unrolled_gradient_descent(
             lambda p: self.inner_objective(chunk.support_x, chunk.support_y, p, theta),
-            theta, steps=self.inner_steps, lr=self.inner_lr, first_order=self.first_order,
+            theta,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
+            first_order=self.first_order,
         )
         pred = batched_forward(self.model, phi, chunk.query_x)
         return backward_query_loss(pred, chunk.query_y, self.loss, batch_size)
@@ -98,6 +103,10 @@ class FOMAML(MAML):
         chunk_size: int | None = 1,
     ) -> None:
         super().__init__(
-            model, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-            chunk_size=chunk_size, first_order=True,
+            model,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            loss=loss,
+            chunk_size=chunk_size,
+            first_order=True,
         )

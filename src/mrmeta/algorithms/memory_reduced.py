@@ -7,25 +7,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mrmeta._heads import (
-    batched_head_forward,
-    check_inner_lr,
-    check_loss_name,
-    l2_penalty,
-    linear_head_lipschitz,
-    task_accuracies,
-    task_features,
-    task_losses,
-)
-from mrmeta._tree import TensorDict, tree_norm
+from mrmeta._heads import batched_head_forward, task_features, task_losses
+from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.algorithms.base import MetaLearner, StepStats, mean_or_none
+from mrmeta.algorithms._head import HeadLearner
+from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats, task_grad_norm
 from mrmeta.implicit import hypergradient
-from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
 
 
-class MemoryReduced(MetaLearner):
+class MemoryReduced(HeadLearner):
     r"""Memory-reduced meta-learning (Algorithm 1; ``mrml`` on the command line).
 
     The model is split into a shared backbone ``θ`` and a per-task head ``φ``. For each task
@@ -92,83 +83,60 @@ class MemoryReduced(MetaLearner):
         chunk_size: int | None = 1,
         cg_tol: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-        self.inner_steps = check_positive_int("inner_steps", inner_steps, minimum=0)
-        self.cg_iters = check_positive_int("cg_iters", cg_iters, minimum=0)
-        self.inner_lr = check_inner_lr(inner_lr, head)
-        self.l2 = check_finite_number("l2", l2)
-        self.loss = check_loss_name(loss)
-        self.cg_tol = check_finite_number("cg_tol", cg_tol)
-        self.chunk_size = (
-            None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        super().__init__(
+            backbone,
+            head,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            loss=loss,
+            chunk_size=chunk_size,
+            l2=l2,
+            learn_head_init=learn_head_init,
         )
+        self.cg_iters = check_positive_int("cg_iters", cg_iters, minimum=0)
+        self.cg_tol = check_finite_number("cg_tol", cg_tol)
         self.warm_start_head, self.warm_start_cg = bool(warm_start_head), bool(warm_start_cg)
-        self.learn_head_init = bool(learn_head_init)
-        head.requires_grad_(self.learn_head_init)
         self._slot_heads: TensorDict | None = None
         self._slot_cg: TensorDict | None = None
+        self._pending: list[tuple[TensorDict, TensorDict | None]] = []
 
-    # ----------------------------------------------------------------- lower level
-    def _head_init(self, tasks: int) -> TensorDict:
-        """``φ⁰`` (the head's parameters) repeated per task, detached: ``(T, *shape)``."""
-        return {k: p.detach().expand(tasks, *p.shape) for k, p in self.head.named_parameters()}
-
-    def _center(self, tasks: int) -> TensorDict:
-        """The L2 centre ``c``: the learned head init, or zero."""
-        init = self._head_init(tasks)
-        return init if self.learn_head_init else {k: torch.zeros_like(v) for k, v in init.items()}
-
-    def _lower_objective(
-        self, features: Tensor, labels: Tensor, phi: TensorDict, center: TensorDict
-    ) -> Tensor:
-        """``Σ_t g_t(φ_t)`` for support ``features (T, n, d)`` and ``labels (T, n)``."""
-        pred = batched_head_forward(self.head, phi, features)
-        total = task_losses(pred, labels, self.loss)
-        if self.l2 > 0:
-            total = total + l2_penalty(phi, center, self.l2)
-        return total.sum()
-
-    def _step_size(self, features: Tensor, out_dim: int) -> Tensor | float:
-        """``λ`` per task, ``(T,)`` (``1/L_t`` when ``inner_lr == "auto"``)."""
-        if self.inner_lr != "auto":
-            return float(self.inner_lr)
-        return 1.0 / linear_head_lipschitz(features, self.loss, out_dim, self.l2)
-
-    def solve_lower_level(
-        self, features: Tensor, labels: Tensor, start: TensorDict, center: TensorDict
-    ) -> TensorDict:
-        """``K`` gradient steps on each task's lower level from ``start``; returns ``φ^K``."""
-        out_dim = self.head.weight.shape[0] if isinstance(self.head, nn.Linear) else 0
-        return gradient_descent(
-            lambda phi: self._lower_objective(features, labels, phi, center),
-            start,
-            steps=self.inner_steps,
-            lr=self._step_size(features, out_dim),
-        )
-
+    # ----------------------------------------------------------------- warm starts per slot
     def _slot_start(self, offset: int, tasks: int) -> TensorDict:
-        """Warm start of the slots ``offset..offset+tasks-1`` when on and available."""
+        """``φ⁰`` of the slots ``offset..offset+tasks-1``: the previous ``φ^K`` when warm."""
         saved = self._slot_heads
         if self.warm_start_head and saved is not None and _covers(saved, offset + tasks):
             return {k: v[offset : offset + tasks] for k, v in saved.items()}
-        return self._head_init(tasks)
+        return self.head_start(tasks)
 
     def _slot_v0(self, offset: int, tasks: int) -> TensorDict | None:
+        """CG's start for those slots: the previous ``v`` when warm, else ``None`` (zeros)."""
         saved = self._slot_cg
         if self.warm_start_cg and saved is not None and _covers(saved, offset + tasks):
             return {k: v[offset : offset + tasks] for k, v in saved.items()}
         return None
 
+    def _end_batch(self) -> None:
+        """Keep this batch's ``φ^K`` and ``v`` per slot for the next iteration's warm starts."""
+        heads, vs = zip(*self._pending, strict=True) if self._pending else ((), ())
+        self._pending = []
+        self._slot_heads = _concat_slots(list(heads)) if self.warm_start_head else None
+        keep_v = self.warm_start_cg and vs and vs[0] is not None
+        self._slot_cg = _concat_slots(list(vs)) if keep_v else None
+
+    def reset_state(self) -> None:
+        """Drop the warm starts (e.g. after a non-finite step)."""
+        self._slot_heads = self._slot_cg = None
+
     # ----------------------------------------------------------------- meta-gradient
     def _feature_grads(
         self, chunk: TaskBatch, zs: Tensor, zq: Tensor, phi: TensorDict, offset: int
-    ) -> tuple[TensorDict, Tensor | None, TensorDict | None]:
-        """Hypergradient with respect to ``(Z_s, Z_q, c)`` per task (summed over the chunk);
-        also the CG residual ``(T,)`` and solution when CG ran."""
+    ) -> tuple[TensorDict, ChunkStats, TensorDict | None]:
+        """Hypergradient with respect to ``(Z_s, Z_q, c)`` per task (summed over the chunk),
+        the CG statistics, and CG's solution ``v``."""
+        tasks = chunk.num_tasks
         theta = {"support": zs, "query": zq}
         if self.learn_head_init:
-            theta.update({f"center.{k}": v for k, v in self._center(chunk.num_tasks).items()})
+            theta.update({f"center.{k}": v for k, v in self.l2_center(tasks).items()})
 
         def outer(th: TensorDict, ph: TensorDict) -> Tensor:
             pred = batched_head_forward(self.head, ph, th["query"])
@@ -178,11 +146,11 @@ class MemoryReduced(MetaLearner):
             if self.learn_head_init:
                 center = {k: th[f"center.{k}"] for k in ph}
             else:
-                center = self._center(chunk.num_tasks)
-            return self._lower_objective(th["support"], chunk.support_y, ph, center)
+                center = self.l2_center(tasks)
+            return self.lower_objective(th["support"], chunk.support_y, ph, center)
 
         if self.cg_iters == 0:
-            return _direct_grads(outer, theta, phi), None, None
+            return _direct_grads(outer, theta, phi), {}, None
         result = hypergradient(
             outer,
             inner,
@@ -191,96 +159,36 @@ class MemoryReduced(MetaLearner):
             cg_iters=self.cg_iters,
             tol=self.cg_tol,
             batched=True,
-            v0=self._slot_v0(offset, chunk.num_tasks),
+            v0=self._slot_v0(offset, tasks),
         )
-        return result.grad, result.residual, result.v
+        cg = result.cg
+        stats = {
+            "cg_residual": cg.residual.mean(),
+            "cg_breakdowns": cg.failed.to(cg.residual.dtype).mean(),
+        }
+        return result.grad, stats, result.v
 
-    def _inner_grad_norm(
-        self, zs: Tensor, labels: Tensor, phi: TensorDict, center: TensorDict
-    ) -> Tensor:
-        """``‖∇_φ g_t(φ_t)‖`` per task, ``(T,)``: how far ``φ^K`` is from the minimiser."""
-        with torch.enable_grad():
-            leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-            grads = torch.autograd.grad(
-                self._lower_objective(zs, labels, leaves, center), list(leaves.values())
-            )
-        return tree_norm(dict(zip(leaves, grads, strict=True)), batched=True)
-
-    def _chunk_meta_gradient(self, chunk: TaskBatch, offset: int, batch_size: int) -> dict:
+    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int, offset: int) -> ChunkStats:
         """Accumulate one chunk's share of the meta-gradient; return its statistics."""
         tasks = chunk.num_tasks
         zs = task_features(self.backbone, chunk.support_x)
         zq = task_features(self.backbone, chunk.query_x)
         zs_d, zq_d = zs.detach(), zq.detach()
-        center = self._center(tasks)
+        center = self.l2_center(tasks)
         phi = self.solve_lower_level(zs_d, chunk.support_y, self._slot_start(offset, tasks), center)
-        grads, residual, v = self._feature_grads(chunk, zs_d, zq_d, phi, offset)
+        grads, cg_stats, v = self._feature_grads(chunk, zs_d, zq_d, phi, offset)
         torch.autograd.backward(
             [zs, zq], [grads["support"] / batch_size, grads["query"] / batch_size]
         )
         if self.learn_head_init:
-            for name, param in self.head.named_parameters():
-                share = grads[f"center.{name}"].sum(0) / batch_size
-                param.grad = share if param.grad is None else param.grad + share
-        with torch.no_grad():
-            pred = batched_head_forward(self.head, phi, zq_d)
-            stats = {"loss": task_losses(pred, chunk.query_y, self.loss).mean()}
-            if self.loss == "cross_entropy":
-                stats["accuracy"] = task_accuracies(pred, chunk.query_y).mean()
-        stats["inner_grad_norm"] = self._inner_grad_norm(zs_d, chunk.support_y, phi, center).mean()
-        if residual is not None:
-            stats["cg_residual"] = residual.mean()
-        return {"stats": stats, "phi": phi, "v": v}
-
-    def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
-        """Algorithm 1's meta-gradient for ``batch``, accumulated into ``.grad``."""
-        sizes, per_chunk, heads, vs = [], [], [], []
-        offset = 0
-        for chunk in batch.chunks(self.chunk_size):
-            out = self._chunk_meta_gradient(chunk, offset, batch.num_tasks)
-            sizes.append(chunk.num_tasks)
-            per_chunk.append(out["stats"])
-            heads.append(out["phi"])
-            vs.append(out["v"])
-            offset += chunk.num_tasks
-        self._slot_heads = _concat_slots(heads) if self.warm_start_head else None
-        self._slot_cg = _concat_slots(vs) if self.warm_start_cg and vs[0] is not None else None
-        return StepStats(
-            **{
-                key: mean_or_none([s[key] for s in per_chunk if key in s], sizes)
-                for key in ("loss", "accuracy", "inner_grad_norm", "cg_residual")
-            }
-        )
-
-    # ----------------------------------------------------------------- adaptation
-    @torch.no_grad()
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> TensorDict:
-        """Solve each task's lower level from ``φ⁰``: per-task head parameters ``(T, *shape)``.
-
-        Args:
-            support_x: ``(T, n, *input)``.
-            support_y: ``(T, n)`` labels (or ``(T, n, out)`` regression targets).
-        """
-        features = task_features(self.backbone, support_x)
-        tasks = features.shape[0]
-        return self.solve_lower_level(
-            features, support_y, self._head_init(tasks), self._center(tasks)
-        )
-
-    @torch.no_grad()
-    def predict(self, batch: TaskBatch) -> Tensor:
-        """Adapt on the support sets, predict the queries: ``(B, n_query, out)``."""
-        outputs = []
-        for chunk in batch.chunks(self.chunk_size):
-            phi = self.adapt(chunk.support_x, chunk.support_y)
-            zq = task_features(self.backbone, chunk.query_x)
-            outputs.append(batched_head_forward(self.head, phi, zq))
-        return torch.cat(outputs)
-
-    def reset_state(self) -> None:
-        """Drop the warm starts (e.g. after a non-finite step)."""
-        self._slot_heads = None
-        self._slot_cg = None
+            params = dict(self.head.named_parameters())
+            accumulate_grad(params, {k: grads[f"center.{k}"].sum(0) / batch_size for k in params})
+        self._pending.append((phi, v))
+        stats = query_stats(batched_head_forward(self.head, phi, zq_d), chunk.query_y, self.loss)
+        stats["inner_grad_norm"] = task_grad_norm(
+            lambda p: self.lower_objective(zs_d, chunk.support_y, p, center), phi
+        ).mean()
+        return {**stats, **cg_stats}
 
     # ----------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:
@@ -288,8 +196,14 @@ class MemoryReduced(MetaLearner):
         return {"slot_heads": self._slot_heads, "slot_cg": self._slot_cg}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._slot_heads = state.get("slot_heads")
-        self._slot_cg = state.get("slot_cg")
+        """Restore the warm starts, on the device and dtype of the head."""
+        ref = next(self.head.parameters())
+
+        def move(saved: TensorDict | None) -> TensorDict | None:
+            return None if saved is None else {k: v.to(ref) for k, v in saved.items()}
+
+        self._slot_heads = move(state.get("slot_heads"))
+        self._slot_cg = move(state.get("slot_cg"))
 
 
 def _covers(saved: TensorDict, slots: int) -> bool:
