@@ -93,7 +93,8 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path: Path, capsys) -> None:
         "cg_residual",
         "grad_norm",
         "seconds",
-        "peak_memory_bytes",
+        "max_rss_bytes",
+        "cg_breakdowns",
     ):
         assert all(r[key] is not None for r in train), key
     result = json.loads((out / "result.json").read_text())
@@ -264,3 +265,37 @@ def test_resume_without_a_run_is_refused(tmp_path: Path, capsys) -> None:
 def test_eval_without_checkpoint(tmp_path: Path, capsys) -> None:
     code, _, err = _run(["eval", "--run", str(tmp_path)], capsys)
     assert code == 2 and "no checkpoint" in err
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_resume_may_extend_a_finished_run_but_not_change_it(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _run(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys)[0] == 0
+    code, _, err = _run(["train", "--out", str(out), "--resume", "--ways", "4"], capsys)
+    assert code == 2 and "ways cannot change" in err
+    code, _, err = _run(
+        ["train", "--out", str(out), "--resume", "--iterations", "4", "--quiet"], capsys
+    )
+    assert code == 0, err
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert json.loads((out / "result.json").read_text())["iterations"] == 4
+
+
+def test_out_that_is_a_file_and_queries_zero_are_refused(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("keep me")
+    code, _, err = _run(["train", "--out", str(afile)], capsys)
+    assert code == 2 and "is a file" in err and afile.read_text() == "keep me"
+    code, _, err = _run(["train", "--queries", "0", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "queries must be an integer >= 1" in err
+
+
+def test_damaged_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    code, _, err = _run(["train", "--out", str(tmp_path), "--resume"], capsys)
+    assert code == 2 and "cannot be read" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(["eval", "--run", str(tmp_path), "--checkpoint", "last"], capsys)
+    assert code == 2 and "cannot be read" in err

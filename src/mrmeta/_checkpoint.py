@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from mrmeta.config import ConfigError
+
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Write a file by ``write(fileobj)`` into a temporary file beside ``path``, fsync, rename.
@@ -41,7 +43,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume") from err
     except Exception as err:  # a corrupt or foreign file: say so in one line
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it is damaged or "
+            "not an mrmeta checkpoint"
+        ) from err
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -55,6 +55,8 @@ def check_loss_call(
     ValueError that says which loss rejected which inputs."""
     try:
         value = loss(theta, phi)
+    except torch.OutOfMemoryError:
+        raise
     except (KeyError, RuntimeError, IndexError) as err:
         shapes = {k: tuple(v.shape) for k, v in {**theta, **phi}.items()}
         raise ValueError(

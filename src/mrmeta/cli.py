@@ -42,7 +42,7 @@ HELP = {
     "test_tasks": "test tasks at the end (>= 600 for a publishable number)",
     "eval_protocol": f"test protocol: {', '.join(PROTOCOLS)}",
     "checkpoint_every": "write last.pt every this many iterations",
-    "max_skipped": "stop after this many consecutive non-finite meta-steps",
+    "max_skipped": "stop when more than this many consecutive meta-steps are non-finite",
     "dtype": "floating-point precision of the model and the tasks: float32 or float64",
     "distributed": "shard each meta-batch's tasks across the processes torchrun launched "
     "(gloo on cpu, nccl on cuda); --meta-batch must be divisible by their number",
@@ -52,11 +52,23 @@ HELP = {
 
 
 def _chunk(text: str) -> int | None:
-    return None if text == "all" else int(text)
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number or 'all', got {text!r}"
+        ) from None
 
 
 def _lr_or_auto(text: str) -> float | str:
-    return "auto" if text == "auto" else float(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 SPECIAL_TYPES = {
@@ -104,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", type=int, default=600, help="test tasks (default: 600)")
     evaluate.add_argument("--protocol", choices=PROTOCOLS, default="native")
     evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    evaluate.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where to evaluate (default: the run's device)"
+    )
     return parser
 
 
@@ -120,8 +135,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _run_train(args: argparse.Namespace) -> None:
     from mrmeta.train import train
 
-    config = TrainConfig() if args.resume else config_from_args(args)
-    result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    if args.resume:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        overrides = {k: v for k, v in vars(args).items() if k in names}
+        result = train(None, args.out, resume=True, overrides=overrides, progress=not args.quiet)
+    else:
+        result = train(config_from_args(args), args.out, progress=not args.quiet)
     if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
         return
     print(
@@ -135,7 +154,11 @@ def _run_eval(args: argparse.Namespace) -> None:
     from mrmeta.train import evaluate_run
 
     result = evaluate_run(
-        args.run, tasks=args.tasks, protocol=args.protocol, checkpoint=args.checkpoint
+        args.run,
+        tasks=args.tasks,
+        protocol=args.protocol,
+        checkpoint=args.checkpoint,
+        device=args.device,
     )
     print(f"test accuracy: {result}")
 

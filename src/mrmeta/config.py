@@ -92,12 +92,11 @@ class TrainConfig:
             "max_skipped",
         ):
             _check_int(name, getattr(self, name), minimum=1)
+        _check_int("queries", self.queries, minimum=1)
         if self.inner_steps is not None:
             _check_int("inner_steps", self.inner_steps, minimum=0)
         if self.cg_iters is not None:
             _check_int("cg_iters", self.cg_iters, minimum=0)
-        for name in ("queries",):
-            _check_int(name, getattr(self, name), minimum=0)
         _check_int("seed", self.seed, minimum=0)
         for name in ("lr", "l2", "reg", "dist_timeout"):
             _check_number(name, getattr(self, name), positive=name != "l2")

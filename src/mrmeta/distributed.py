@@ -3,11 +3,11 @@
 One process per rank, launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``). With ``W`` ranks and a meta-batch of ``B``
 tasks, rank ``r`` draws its own ``B / W`` tasks from a sampler seeded with
-:func:`rank_seed` ``(seed, r) = seed + 1000·r`` (rank 0 draws exactly the stream of a one-process
-run), computes their meta-gradient ``ĝ_r = (W/B) Σ_{i ∈ r} ∇ f_i``, and one all-reduce per step
-averages them: ``ĝ = (1/W) Σ_r ĝ_r = (1/B) Σ_i ∇ f_i``, the meta-gradient of the whole batch.
-Every rank then takes the same optimizer step on the same averaged gradient, so the parameters
-stay identical without further communication.
+:func:`rank_seed` ``(seed, r) = seed + 1000·r`` (rank 0 keeps the one-process seed; no two ranks
+share a stream), computes their meta-gradient ``ĝ_r = (W/B) Σ_{i ∈ r} ∇ f_i``, and one
+all-reduce per step averages them: ``ĝ = (1/W) Σ_r ĝ_r = (1/B) Σ_i ∇ f_i``, the meta-gradient
+of the whole batch. Every rank then takes the same optimizer step on the same averaged
+gradient, so the parameters stay identical without further communication.
 
 Backends: ``gloo`` on CPU, ``nccl`` on CUDA (one GPU per process, ``cuda:LOCAL_RANK``). Every
 collective has the process group's timeout: a peer that dies closes its sockets and the others

@@ -11,10 +11,9 @@ from torch import Tensor, nn
 
 from mrmeta._heads import batched_head_forward, task_accuracies, task_features, task_losses
 from mrmeta.algorithms.base import MetaLearner
+from mrmeta.config import PROTOCOLS
 from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
-
-PROTOCOLS = ("native", "frozen-backbone")
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,8 @@ def evaluate(
         sample: draws a batch of tasks (use a sampler with a fixed seed so that every method is
             evaluated on the same tasks).
         tasks: number of tasks (600 or more for a publishable number).
-        batch_size: tasks per forward batch (memory only; the result does not depend on it).
+        batch_size: tasks drawn and evaluated together (memory; the sampler's draws depend on
+            it, so compare methods with the same value).
         protocol: ``"native"`` (the method's own adaptation) or ``"frozen-backbone"``.
         device: where to run.
     """

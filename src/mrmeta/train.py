@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +68,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
                 "start a new run without --resume"
             )
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder; choose a folder path")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"--out {run_dir} already exists and is not empty; pass --resume to continue that "
@@ -80,11 +83,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
+    """The memory figure logged per iteration, and its name.
+
+    CUDA: ``peak_memory_bytes``, the peak allocated by PyTorch during the iteration. CPU:
+    ``max_rss_bytes``, the process's resident-set high-water mark so far (it includes the
+    dataset and never decreases; use ``benchmarks/memory_speed.py`` for per-step peaks).
+    """
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return "peak_memory_bytes", int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return "max_rss_bytes", int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def load_image_splits(config: TrainConfig) -> dict[str, FewShotDataset]:
@@ -139,6 +148,8 @@ class TrainingRun:
         broadcast_module(self.learner, self.dist)
         self.optimizer = build_optimizer(config, self.learner)
         self.sampler = self._sampler("train", rank_seed(config.seed, self.dist.rank))
+        for split in ("val", "test"):  # a task shape the split cannot give fails now, not later
+            self._sampler(split, config.seed)
         self.progress = Progress()
         self._rank_states: list[dict[str, Any]] | None = None
 
@@ -169,6 +180,8 @@ class TrainingRun:
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.progress = Progress(**state["progress"])
+        for group in self.optimizer.param_groups:  # --lr may be changed on --resume
+            group["lr"] = self.config.lr
         if self.dist.enabled:
             self._load_rank_state(state)
 
@@ -204,7 +217,8 @@ class TrainingRun:
             batch, self.optimizer, reduce_gradients=self._reduce_gradients
         )
         seconds = time.perf_counter() - start
-        stats, seconds, peak = self._across_ranks(stats, seconds, peak_memory_bytes(self.device))
+        memory_key, memory = peak_memory_bytes(self.device)
+        stats, seconds, memory = self._across_ranks(stats, seconds, memory)
         self.progress.iteration += 1
         self.progress.train_seconds += seconds
         self._guard(stats)
@@ -214,7 +228,7 @@ class TrainingRun:
             **stats.as_dict(),
             "seconds": seconds,
             "train_seconds": self.progress.train_seconds,
-            "peak_memory_bytes": peak,
+            memory_key: memory,
         }
 
     def _reduce_gradients(self) -> None:
@@ -337,13 +351,51 @@ def _postfix(record: dict[str, Any], best_val: float) -> dict[str, str]:
     return postfix
 
 
+# What may change when a run is resumed (the rest defines the run and stays as saved).
+RESUME_OVERRIDES = (
+    "iterations",
+    "time_budget",
+    "lr",
+    "inner_lr",
+    "max_skipped",
+    "val_every",
+    "checkpoint_every",
+    "threads",
+    "dist_timeout",
+)
+
+
+def resumed_config(run_dir: Path, overrides: dict[str, Any] | None) -> TrainConfig:
+    """The saved configuration of the run in ``run_dir`` with the allowed ``overrides``."""
+    prepare_run_dir(run_dir, resume=True)
+    state = load_checkpoint(run_dir / LAST)
+    if "config" not in state:
+        raise ConfigError(f"{run_dir / LAST} is not an mrmeta checkpoint (no saved config)")
+    saved = TrainConfig.from_dict(state["config"], source=str(run_dir / LAST))
+    overrides = dict(overrides or {})
+    refused = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if refused:
+        raise ConfigError(
+            f"--resume keeps the run's settings; {', '.join(refused)} cannot change (only "
+            f"{', '.join(RESUME_OVERRIDES)} can). Start a new run to change the others"
+        )
+    return saved.replace(**overrides)
+
+
 def train(
-    config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+    config: TrainConfig | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Meta-train as ``config`` says, then test; everything goes into ``run_dir``.
 
     With ``resume`` the run in ``run_dir`` continues from ``last.pt`` with its saved
-    configuration, and ends with exactly the parameters an uninterrupted run would have.
+    configuration (``config`` is ignored; ``overrides`` may change the keys of
+    :data:`RESUME_OVERRIDES`), and without overrides it ends with exactly the parameters an
+    uninterrupted run would have.
 
     With ``config.distributed`` the process joins the process group torchrun set up; rank 0
     alone writes ``run_dir`` (to resume, every rank reads ``last.pt``, so on several nodes
@@ -355,10 +407,9 @@ def train(
     """
     run_dir = Path(run_dir)
     if resume:
-        prepare_run_dir(run_dir, resume)
-        config = TrainConfig.from_dict(
-            load_checkpoint(run_dir / LAST)["config"], source="checkpoint"
-        )
+        config = resumed_config(run_dir, overrides)
+    elif config is None:
+        raise ValueError("train() needs a config for a new run")
     _refuse_undeclared_launch(config)
     ctx = DistContext()
     if config.distributed:
@@ -397,8 +448,9 @@ def _train(
         run.fit(None)
         return {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        config.save(run_dir / CONFIG_FILE)
+    config.save(run_dir / CONFIG_FILE)
+    if not resume and not ctx.enabled:
+        run.checkpoint(LAST)  # iteration 0: a run killed before its first checkpoint resumes
     log = MetricsLog(run_dir, resume_iteration=run.progress.iteration if resume else None)
     try:
         run.fit(log)
@@ -409,11 +461,6 @@ def _train(
 
 def finish(run: TrainingRun) -> dict[str, Any]:
     """Test the best-validation parameters, write ``result.json`` and the learning curves."""
-    final = {
-        k: v.detach().clone()
-        for k, v in run.learner.state_dict().items()
-        if isinstance(v, torch.Tensor)
-    }
     if (run.run_dir / BEST).exists():
         run.learner.load_state_dict(load_checkpoint(run.run_dir / BEST)["learner"])
     test = run.test()
@@ -432,7 +479,6 @@ def finish(run: TrainingRun) -> dict[str, Any]:
         "tested_checkpoint": BEST if (run.run_dir / BEST).exists() else LAST,
     }
     write_json(run.run_dir / "result.json", result)
-    run.learner.load_state_dict({**run.learner.state_dict(), **final})
     _plot(run.run_dir)
     return result
 
@@ -446,10 +492,18 @@ def _plot(run_dir: Path) -> None:
 
 
 def evaluate_run(
-    run_dir: str | Path, *, tasks: int = 600, protocol: str = "native", checkpoint: str = "best"
+    run_dir: str | Path,
+    *,
+    tasks: int = 600,
+    protocol: str = "native",
+    checkpoint: str = "best",
+    device: str | None = None,
 ) -> EvalResult:
-    """Test a finished (or interrupted) run from its ``best.pt`` or ``last.pt``."""
+    """Test a finished (or interrupted) run from its ``best.pt`` or ``last.pt``, on the run's
+    own test tasks (same seed), on ``device`` (default: the run's)."""
     run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     name = BEST if checkpoint == "best" else LAST
     if not (run_dir / name).exists() and checkpoint == "best":
         name = LAST
@@ -458,7 +512,10 @@ def evaluate_run(
     if tasks < 1:
         raise ConfigError(f"--tasks must be >= 1, got {tasks}")
     state = load_checkpoint(run_dir / name)
+    if "config" not in state or "learner" not in state:
+        raise ConfigError(f"{run_dir / name} is not an mrmeta checkpoint")
     config = TrainConfig.from_dict(state["config"], source=str(run_dir / name))
+    config = config.replace(device=device or config.device, distributed=False)
     run = TrainingRun(config, run_dir, progress=False)
     run.learner.load_state_dict(state["learner"])
     return run.test(tasks, protocol)
