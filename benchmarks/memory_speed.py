@@ -1,0 +1,375 @@
+"""Peak memory and seconds per meta-iteration against the number of inner steps K.
+
+Every method runs on the same random tasks of the paper's shapes (memory and time do not depend
+on pixel values), measured with the same meter in one process:
+
+* memory: :func:`mrmeta.measure_peak_memory` over one meta-iteration after a warm-up iteration
+  (CPU: the profiler's allocation trace; CUDA: ``max_memory_allocated``);
+* time: the median seconds of ``--repeats`` meta-iterations after the warm-up.
+
+The "plain step" row is one forward and backward pass of Conv4 on the same images in the same
+chunks — a supervised step, the floor for any method. ``--adapt last-block`` adapts the last
+conv block and the head instead of the head alone (MAML and iMAML adapt the whole network
+either way).
+
+Command (the results committed in benchmarks/results/)::
+
+    python benchmarks/memory_speed.py --shape cifar-fs --shape mini-imagenet --ks 5 10 15 20
+
+Writes ``memory_speed_<tag>.json``, ``.md`` and ``.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrmeta import Conv4, MetaLearner, TaskBatch, measure_peak_memory
+from mrmeta._heads import task_features
+from mrmeta.algorithms.anil import ANIL
+from mrmeta.algorithms.imaml import IMAML
+from mrmeta.algorithms.itd_bio import ITDBiO
+from mrmeta.algorithms.maml import MAML
+from mrmeta.algorithms.memory_reduced import MemoryReduced
+
+SHAPES = {  # name: (channels, image side, Conv4 filters)
+    "cifar-fs": (3, 32, 64),
+    "mini-imagenet": (3, 84, 32),
+}
+METHODS = ("plain", "mrml", "anil", "itd-bio", "maml", "fomaml", "imaml")
+PAPER_MB = {  # PAPER.md §4, peak GPU memory (MB) at K = 5, 10, 20
+    ("cifar-fs", "mrml"): {5: 77.5, 10: 77.7, 20: 78.2},
+    ("cifar-fs", "anil"): {5: 149.1, 10: 263.3, 20: 491.7},
+    ("cifar-fs", "itd-bio"): {5: 149.1, 10: 263.3, 20: 491.8},
+    ("cifar-fs", "maml"): {5: 262.0, 10: 463.6, 20: 866.6},
+    ("mini-imagenet", "mrml"): {5: 495.8, 10: 496.6, 20: 498.1},
+    ("mini-imagenet", "anil"): {5: 1094.1, 10: 1892.7, 20: 3490.9},
+    ("mini-imagenet", "maml"): {5: 1776.9, 10: 3149.3, 20: 5894.1},
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One grid point's fixed parameters."""
+
+    shape: str
+    ways: int
+    shots: int
+    queries: int
+    tasks: int
+    chunk_size: int | None
+    adapt: str
+    cg_iters: int
+    device: torch.device
+
+
+def random_tasks(setting: Setting, generator: torch.Generator) -> TaskBatch:
+    """Random images and balanced labels of the paper's 5-way 5-shot 5-query shape."""
+    channels, side, _ = SHAPES[setting.shape]
+    n_s, n_q = setting.ways * setting.shots, setting.ways * setting.queries
+
+    def labels(per_class: int) -> torch.Tensor:
+        return torch.arange(setting.ways).repeat_interleave(per_class).repeat(setting.tasks, 1)
+
+    batch = TaskBatch(
+        torch.randn(setting.tasks, n_s, channels, side, side, generator=generator),
+        labels(setting.shots),
+        torch.randn(setting.tasks, n_q, channels, side, side, generator=generator),
+        labels(setting.queries),
+    )
+    return batch.to(setting.device)
+
+
+def split_model(setting: Setting) -> tuple[Conv4, nn.Module, nn.Module]:
+    """Conv4 and its (backbone, head) split: the linear head, or the last block + head."""
+    channels, side, hidden = SHAPES[setting.shape]
+    model = Conv4(setting.ways, channels, hidden, side, zero_head=True).to(setting.device)
+    if setting.adapt == "head":
+        return model, model.backbone, model.head
+    blocks = model.backbone.blocks
+    backbone = _TaskBatched(nn.Sequential(*blocks[:3]))
+    head = nn.Sequential(blocks[3], nn.Flatten(-3), model.head)
+    return model, backbone, head
+
+
+class _TaskBatched(nn.Module):
+    """A block stack that keeps the task dimension (per-task BatchNorm) and is not flattened."""
+
+    supports_task_batches = True
+
+    def __init__(self, blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def build(method: str, k: int, setting: Setting) -> MetaLearner | nn.Module:
+    """The learner of ``method`` with ``k`` inner steps (the plain step: the bare model)."""
+    model, backbone, head = split_model(setting)
+    head_lr: float | str = "auto" if setting.adapt == "head" else 0.01
+    common = {"inner_steps": k, "chunk_size": setting.chunk_size}
+    if method == "plain":
+        return model
+    if method == "mrml":
+        return MemoryReduced(backbone, head, inner_lr=head_lr, cg_iters=setting.cg_iters, **common)
+    if method == "anil":
+        return ANIL(backbone, head, inner_lr=0.1, **common)
+    if method == "itd-bio":
+        return ITDBiO(backbone, head, inner_lr=head_lr, **common)
+    if method in ("maml", "fomaml"):
+        return MAML(model, inner_lr=0.5, first_order=method == "fomaml", **common)
+    return IMAML(model, inner_lr=0.1, cg_iters=setting.cg_iters, **common)
+
+
+def plain_step(model: Conv4, batch: TaskBatch, chunk_size: int | None) -> None:
+    """One forward and one backward of Conv4 over every image of each chunk (support and query
+    in one graph, as a meta-step needs them), chunk by chunk."""
+    for chunk in batch.chunks(chunk_size):
+        loss = sum(
+            F.cross_entropy(model.head(task_features(model.backbone, x)).flatten(0, 1), y.flatten())
+            for x, y in ((chunk.support_x, chunk.support_y), (chunk.query_x, chunk.query_y))
+        )
+        loss.backward()
+
+
+def step_function(learner: nn.Module, method: str, batch: TaskBatch, setting: Setting) -> Callable:
+    """A closure running one meta-iteration (or one plain step)."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    if method == "plain":
+
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            plain_step(learner, batch, setting.chunk_size)
+            optimizer.step()
+
+        return run
+    return lambda: learner.meta_step(batch, optimizer)
+
+
+def seconds_per_iteration(run: Callable, repeats: int, device: torch.device) -> float:
+    """Median wall-clock seconds of ``repeats`` calls (after the meter's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(method: str, k: int, setting: Setting, repeats: int) -> dict:
+    """Peak bytes and median seconds of one grid point."""
+    torch.manual_seed(0)
+    batch = random_tasks(setting, torch.Generator().manual_seed(0))
+    learner = build(method, k, setting)
+    run = step_function(learner, method, batch, setting)
+    peak = measure_peak_memory(run, device=setting.device, warmup=1)
+    seconds = seconds_per_iteration(run, repeats, setting.device)
+    return {"method": method, "k": k, "peak_bytes": peak, "seconds": seconds}
+
+
+def targets(rows: list[dict], shape: str) -> list[tuple[str, bool, str]]:
+    """The issue's targets that this grid can check: (description, holds, measured)."""
+    table = {(r["method"], r["k"]): r for r in rows}
+    ks = sorted({r["k"] for r in rows if r["method"] != "plain"})
+    lo, hi = ks[0], ks[-1]
+    out = []
+    if ("mrml", lo) in table and ("mrml", hi) in table:
+        m_lo, m_hi = table["mrml", lo]["peak_bytes"], table["mrml", hi]["peak_bytes"]
+        ratio = m_hi / m_lo
+        out.append(
+            (
+                f"mrml peak memory K={hi} within 2% of K={lo}",
+                abs(ratio - 1) <= 0.02,
+                f"ratio {ratio:.4f}",
+            )
+        )
+        plain = table.get(("plain", 0))
+        if plain:
+            r = m_hi / plain["peak_bytes"]
+            out.append((f"mrml peak memory K={hi} <= 1.2x plain step", r <= 1.2, f"{r:.2f}x"))
+            s = table["mrml", hi]["seconds"] / plain["seconds"]
+            out.append((f"mrml s/it K={hi} <= 1.3x plain step", s <= 1.3, f"{s:.2f}x"))
+        for other in ("anil", "itd-bio", "maml"):
+            if (other, hi) in table:
+                faster = table["mrml", hi]["seconds"] < table[other, hi]["seconds"]
+                out.append(
+                    (
+                        f"mrml s/it K={hi} below {other}",
+                        faster,
+                        f"{table['mrml', hi]['seconds']:.3f}s vs "
+                        f"{table[other, hi]['seconds']:.3f}s",
+                    )
+                )
+        if shape == "cifar-fs" and ("maml", hi) in table:
+            r = table["maml", hi]["peak_bytes"] / m_hi
+            out.append((f"MAML peak memory K={hi} >= 10x mrml", r >= 10, f"{r:.1f}x"))
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables (MB = 1e6 bytes)."""
+    lines = [
+        f"# Memory and speed against K ({results['tag']})",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {results['machine']}; torch {results['torch']}; "
+        f"{results['threads']} threads; device {results['device']}.",
+        "",
+    ]
+    for shape, block in results["shapes"].items():
+        lines += _shape_tables(shape, block)
+    return "\n".join(lines) + "\n"
+
+
+def _shape_tables(shape: str, block: dict) -> list[str]:
+    rows, ks = block["rows"], block["ks"]
+    table = {(r["method"], r["k"]): r for r in rows}
+    plain = table[("plain", 0)]
+    head = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
+    rule = "|---|" + "---|" * len(ks)
+    lines = [
+        f"## {shape} — {block['setting']}",
+        "",
+        "Peak memory, MB (paper's GPU MB):",
+        "",
+        head,
+        rule,
+        f"| plain step | {plain['peak_bytes'] / 1e6:.1f} (floor) |" + " |" * (len(ks) - 1),
+    ]
+    for method in METHODS[1:]:
+        cells = []
+        for k in ks:
+            r = table.get((method, k))
+            paper = PAPER_MB.get((shape, method), {}).get(k)
+            cell = "—" if r is None else f"{r['peak_bytes'] / 1e6:.1f}"
+            cells.append(cell + (f" ({paper})" if paper else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Seconds per meta-iteration as a ratio to the plain step ({plain['seconds']:.3f} s):",
+        "",
+        head,
+        rule,
+    ]
+    for method in METHODS[1:]:
+        cells = [
+            f"{table[(method, k)]['seconds'] / plain['seconds']:.2f}"
+            if (method, k) in table
+            else "—"
+            for k in ks
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets:", ""]
+    lines += [
+        f"- {'HOLDS' if ok else 'MISSED'}: {desc} ({got})" for desc, ok, got in block["targets"]
+    ]
+    return lines + [""]
+
+
+def plot(results: dict, path: Path) -> None:
+    """Grouped bars of peak memory against K per method, one panel per shape (Figure 2 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(results["shapes"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        block = results["shapes"][shape]
+        table = {(r["method"], r["k"]): r["peak_bytes"] / 1e6 for r in block["rows"]}
+        methods = [m for m in METHODS[1:] if any((m, k) in table for k in block["ks"])]
+        width = 0.8 / len(block["ks"])
+        for i, k in enumerate(block["ks"]):
+            xs = [j + i * width for j in range(len(methods))]
+            ax.bar(xs, [table.get((m, k), 0) for m in methods], width, label=f"K={k}")
+        ax.axhline(table[("plain", 0)], color="k", ls="--", lw=1, label="plain step")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
+        ax.set(ylabel="peak memory (MB)", title=f"{shape} ({block['setting']})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_shape(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
+    setting = Setting(
+        shape, 5, 5, 5, args.tasks, args.chunk_size, args.adapt, args.cg_iters, device
+    )
+    rows = [measure("plain", 0, setting, args.repeats)]
+    for method in args.methods:
+        for k in args.ks:
+            rows.append(measure(method, k, setting, args.repeats))
+            print(json.dumps({"shape": shape, **rows[-1]}), flush=True)
+    desc = (
+        f"5-way 5-shot 5-query, {args.tasks} tasks, chunk {args.chunk_size or 'all'}, "
+        f"adapt {args.adapt}, N={args.cg_iters}"
+    )
+    return {"setting": desc, "ks": args.ks, "rows": rows, "targets": targets(rows, shape)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES), dest="shapes")
+    parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 15, 20])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
+    parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-iteration")
+    parser.add_argument("--chunk-size", type=lambda s: None if s == "all" else int(s), default=1)
+    parser.add_argument("--adapt", choices=("head", "last-block"), default="head")
+    parser.add_argument("--cg-iters", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default=None, help="file name tag (default: from settings)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    args.shapes = args.shapes or ["cifar-fs"]
+    device = torch.device(args.device)
+    tag = args.tag or f"{args.device}_{args.adapt}_chunk{args.chunk_size or 'all'}"
+    results = {
+        "tag": tag,
+        "command": "python benchmarks/memory_speed.py " + " ".join(_argv()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "shapes": {shape: run_shape(shape, args, device) for shape in args.shapes},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"memory_speed_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"memory_speed_{tag}.md").write_text(markdown(results))
+    plot(results, args.out / f"memory_speed_{tag}.png")
+    for shape, block in results["shapes"].items():
+        for desc, ok, got in block["targets"]:
+            print(f"[{shape}] {'HOLDS ' if ok else 'MISSED'} {desc}: {got}")
+
+
+def _argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+if __name__ == "__main__":
+    main()
