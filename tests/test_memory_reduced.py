@@ -163,7 +163,12 @@ def _assert_close(got: list[Tensor], want: list[Tensor], before: list[Tensor]) -
 
 
 def _step_and_compare(
-    kind: str, *, learn_init: bool = False, chunk_size: int | None = 1, **options: Any
+    kind: str,
+    *,
+    learn_init: bool = False,
+    chunk_size: int | None = 1,
+    closed_form: bool = True,
+    **options: Any,
 ) -> MemoryReduced:
     backbone, head, batch = _setup(kind)
     kw = {"steps": 5, "lr": 0.3, "l2": 0.1, "cg": PHI_DIM} | options
@@ -176,7 +181,9 @@ def _step_and_compare(
         cg_iters=kw["cg"],
         learn_head_init=learn_init,
         chunk_size=chunk_size,
+        closed_form=closed_form,
     )
+    assert learner.uses_closed_form == closed_form
     before = _learner_params(learner, learn_init)
     want, _, loss = _sgd_reference(
         learner.backbone, learner.head, batch, learn_init=learn_init, **kw
@@ -188,10 +195,17 @@ def _step_and_compare(
     return learner
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 2, None])
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
-def test_meta_step_matches_reference(kind: str, chunk_size: int | None) -> None:
-    _step_and_compare(kind, chunk_size=chunk_size)
+def test_meta_step_matches_reference(kind: str, chunk_size: int | None, closed_form: bool) -> None:
+    """Both head paths — closed form (mrmeta._linear_ce) and autograd — against the reference."""
+    _step_and_compare(kind, chunk_size=chunk_size, closed_form=closed_form)
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_learn_head_init_on_both_head_paths(closed_form: bool) -> None:
+    _step_and_compare("conv4", learn_init=True, chunk_size=2, closed_form=closed_form)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])

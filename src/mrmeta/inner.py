@@ -25,6 +25,28 @@ def _step(phi: TensorDict, grads: tuple[Tensor, ...], lr: Tensor | float) -> Ten
     }
 
 
+def gradient_steps(
+    grad_fn: Callable[[TensorDict], Mapping[str, Tensor]],
+    phi0: Mapping[str, Tensor],
+    *,
+    steps: int,
+    lr: Tensor | float,
+) -> TensorDict:
+    """``steps`` steps ``φ^{k+1} = φ^k − λ · grad_fn(φ^k)`` for a gradient given in closed form.
+
+    Args:
+        grad_fn: ``φ ↦ ∇_φ g(φ)``, shaped like ``φ``.
+        phi0: starting point ``φ⁰`` (detached).
+        steps: ``K ≥ 0``.
+        lr: a float, or ``(T,)`` per task.
+    """
+    phi = {k: v.detach() for k, v in phi0.items()}
+    for _ in range(steps):
+        grads = grad_fn(phi)
+        phi = _step(phi, tuple(grads[k] for k in phi), lr)
+    return phi
+
+
 def gradient_descent(
     loss_fn: PhiLoss, phi0: Mapping[str, Tensor], *, steps: int, lr: Tensor | float
 ) -> TensorDict:
@@ -42,13 +64,14 @@ def gradient_descent(
     Returns:
         ``φ^K`` (detached).
     """
-    phi = {k: v.detach() for k, v in phi0.items()}
-    for _ in range(steps):
+
+    def autograd_grad(phi: TensorDict) -> TensorDict:
         with torch.enable_grad():
-            leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
+            leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
             grads = torch.autograd.grad(loss_fn(leaves), list(leaves.values()))
-        phi = {k: v.detach() for k, v in _step(leaves, grads, lr).items()}
-    return phi
+        return dict(zip(leaves, grads, strict=True))
+
+    return gradient_steps(autograd_grad, phi0, steps=steps, lr=lr)
 
 
 def unrolled_gradient_descent(

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mrmeta import _linear_ce as linear_ce
 from mrmeta._heads import (
     batched_head_forward,
     check_inner_lr,
@@ -19,7 +20,7 @@ from mrmeta._heads import (
 from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.algorithms.base import ChunkedLearner
-from mrmeta.inner import gradient_descent
+from mrmeta.inner import gradient_steps
 from mrmeta.tasks import TaskBatch
 
 
@@ -66,6 +67,26 @@ class HeadLearner(ChunkedLearner):
         self.l2 = check_finite_number("l2", l2)
         self.learn_head_init = bool(learn_head_init)
         head.requires_grad_(self.learn_head_init)
+        self.closed_form = True
+
+    @property
+    def uses_closed_form(self) -> bool:
+        """Whether the head's gradients and Hessian products come in closed form
+        (:mod:`mrmeta._linear_ce`: an ``nn.Linear`` head with a bias and cross-entropy)."""
+        linear = isinstance(self.head, nn.Linear) and self.head.bias is not None
+        return self.closed_form and linear and self.loss == "cross_entropy"
+
+    def lower_gradient(
+        self, features: Tensor, labels: Tensor, phi: TensorDict, center: TensorDict
+    ) -> TensorDict:
+        """``∇_φ g_t(φ_t)`` for every task, in closed form when possible, else by autograd."""
+        if self.uses_closed_form:
+            return linear_ce.head_gradient(features, labels, phi, center, self.l2)
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+            objective = self.lower_objective(features, labels, leaves, center)
+            grads = torch.autograd.grad(objective, list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True))
 
     def head_start(self, tasks: int) -> TensorDict:
         """``φ⁰`` repeated per task, detached: ``(T, *shape)`` (a view, no copy)."""
@@ -98,8 +119,8 @@ class HeadLearner(ChunkedLearner):
         self, features: Tensor, labels: Tensor, start: TensorDict, center: TensorDict
     ) -> TensorDict:
         """``K`` gradient steps from ``start`` kept without a graph; returns ``φ^K``."""
-        return gradient_descent(
-            lambda phi: self.lower_objective(features, labels, phi, center),
+        return gradient_steps(
+            lambda phi: self.lower_gradient(features, labels, phi, center),
             start,
             steps=self.inner_steps,
             lr=self.step_size(features),
