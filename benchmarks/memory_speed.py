@@ -301,6 +301,16 @@ def plot(results: dict, path: Path) -> None:
         for i, k in enumerate(block["ks"]):
             xs = [j + i * width for j in range(len(methods))]
             ax.bar(xs, [table.get((m, k), 0) for m in methods], width, label=f"K={k}")
+        paper = [
+            (j + i * width, PAPER_MB[(shape, m)][k])
+            for j, m in enumerate(methods)
+            for i, k in enumerate(block["ks"])
+            if k in PAPER_MB.get((shape, m), {})
+        ]
+        if paper:
+            ax.scatter(
+                *zip(*paper, strict=True), marker="x", color="k", zorder=3, label="paper (GPU)"
+            )
         ax.axhline(table[("plain", 0)], color="k", ls="--", lw=1, label="plain step")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
         ax.set(ylabel="peak memory (MB)", title=f"{shape} ({block['setting']})")
@@ -339,11 +349,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default=None, help="file name tag (default: from settings)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--replot", type=Path, help="rewrite the .md and .png of a results JSON")
     return parser.parse_args()
+
+
+def write_reports(results: dict, out: Path) -> None:
+    """``memory_speed_<tag>.json``, ``.md`` and ``.png`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"memory_speed_{results['tag']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    plot(results, stem.with_suffix(".png"))
 
 
 def main() -> None:
     args = parse_args()
+    if args.replot is not None:
+        write_reports(json.loads(args.replot.read_text()), args.replot.parent)
+        return
     args.shapes = args.shapes or ["cifar-fs"]
     device = torch.device(args.device)
     tag = args.tag or f"{args.device}_{args.adapt}_chunk{args.chunk_size or 'all'}"
@@ -356,10 +379,7 @@ def main() -> None:
         "device": str(device),
         "shapes": {shape: run_shape(shape, args, device) for shape in args.shapes},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"memory_speed_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"memory_speed_{tag}.md").write_text(markdown(results))
-    plot(results, args.out / f"memory_speed_{tag}.png")
+    write_reports(results, args.out)
     for shape, block in results["shapes"].items():
         for desc, ok, got in block["targets"]:
             print(f"[{shape}] {'HOLDS ' if ok else 'MISSED'} {desc}: {got}")

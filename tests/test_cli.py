@@ -299,3 +299,27 @@ def test_damaged_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
     assert code == 2 and "cannot be read" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(["eval", "--run", str(tmp_path), "--checkpoint", "last"], capsys)
     assert code == 2 and "cannot be read" in err
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_vinyals_split_from_the_command_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = _run(
+        [
+            "train",
+            *TINY,
+            "--omniglot-split",
+            "vinyals",
+            "--iterations",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["omniglot_split"] == "vinyals"
+    code, _, err = _run(["train", *TINY, "--omniglot-split", "mini", "--out", str(out)], capsys)
+    assert code == 2 and "omniglot_split must be one of lake, vinyals" in err

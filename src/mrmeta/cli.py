@@ -16,6 +16,7 @@ HELP = {
     "dataset": "benchmark name (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet)",
     "data_root": "folder holding the dataset files (else $MRMETA_DATA, else ~/.cache/mrmeta)",
     "download": "download the dataset if it is not found (Omniglot only)",
+    "omniglot_split": "Omniglot split: lake (by alphabet) or vinyals (1200/423 chars + rotations)",
     "ways": "classes per task N",
     "shots": "support examples per class K",
     "queries": "query examples per class",

@@ -42,6 +42,7 @@ class TrainConfig:
     dataset: str = "omniglot"
     data_root: str | None = None
     download: bool = False
+    omniglot_split: str = "lake"
     ways: int = 5
     shots: int = 1
     queries: int = 15
@@ -78,6 +79,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("eval_protocol", self.eval_protocol, PROTOCOLS)
+        _check_choice("omniglot_split", self.omniglot_split, ("lake", "vinyals"))
         _check_choice("dtype", self.dtype, DTYPES)
         for name in (
             "ways",
