@@ -225,6 +225,11 @@ def test_learn_head_init_sends_the_gradient_to_the_head() -> None:
     assert learner.head.weight.grad is not None and learner.head.weight.grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_cg_iters_zero_on_both_head_paths(closed_form: bool) -> None:
+    _step_and_compare("conv4", cg=0, l2=0.1, chunk_size=2, closed_form=closed_form)
+
+
 def test_cg_iters_zero_uses_only_the_direct_gradient() -> None:
     _step_and_compare("mlp", cg=0, l2=0.0)
 

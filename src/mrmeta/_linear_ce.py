@@ -32,7 +32,7 @@ def probabilities(features: Tensor, phi: TensorDict) -> Tensor:
 
 def residual(probs: Tensor, labels: Tensor) -> Tensor:
     """``R = (P − Y)/n`` for labels ``(T, n)``: ``(T, n, C)``."""
-    onehot = F.one_hot(labels, probs.shape[-1]).to(probs.dtype)
+    onehot = F.one_hot(labels.long(), probs.shape[-1]).to(probs.dtype)
     return (probs - onehot) / probs.shape[1]
 
 
@@ -66,19 +66,16 @@ def head_hvp(features: Tensor, probs: Tensor, v: TensorDict, l2: float) -> Tenso
 
 
 def mixed_product_features(
-    features: Tensor, labels: Tensor, phi: TensorDict, v: TensorDict
+    features: Tensor, labels: Tensor, phi: TensorDict, probs: Tensor, v: TensorDict
 ) -> Tensor:
-    """``∂/∂Z ⟨∇_φ g_t(Z, φ), v_t⟩ = R V_W + J(D) W / n``: ``(T, n, d)``."""
-    probs = probabilities(features, phi)
+    """``∂/∂Z ⟨∇_φ g_t(Z, φ), v_t⟩ = R V_W + J(D) W / n``: ``(T, n, d)``, with ``probs`` the
+    softmax at ``(Z, φ)``."""
     jd = softmax_jvp(probs, logit_direction(features, v)) / features.shape[1]
     return torch.bmm(residual(probs, labels), v["weight"]) + torch.bmm(jd, phi["weight"])
 
 
-def outer_gradients(
-    features: Tensor, labels: Tensor, phi: TensorDict
-) -> tuple[Tensor, TensorDict, Tensor]:
-    """For ``f_t = CE(Z_q Wᵀ + b, y_q)``: ``∇_{Z_q} f``, ``∇_φ f``, and the probabilities."""
-    probs = probabilities(features, phi)
-    r = residual(probs, labels)
+def outer_gradients(features: Tensor, labels: Tensor, phi: TensorDict) -> tuple[Tensor, TensorDict]:
+    """For ``f_t = CE(Z_q Wᵀ + b, y_q)``: ``∇_{Z_q} f`` and ``∇_φ f``."""
+    r = residual(probabilities(features, phi), labels)
     grad_phi = {"weight": torch.bmm(r.transpose(1, 2), features), "bias": r.sum(1)}
-    return torch.bmm(r, phi["weight"]), grad_phi, probs
+    return torch.bmm(r, phi["weight"]), grad_phi

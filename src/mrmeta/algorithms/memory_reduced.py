@@ -189,7 +189,7 @@ class MemoryReduced(HeadLearner):
     ) -> tuple[TensorDict, ChunkStats, TensorDict | None]:
         """:meth:`_feature_grads` for a linear head with cross-entropy, in closed form
         (:mod:`mrmeta._linear_ce`): the same quantities without autograd on the head."""
-        grad_zq, b, _ = linear_ce.outer_gradients(zq, chunk.query_y, phi)
+        grad_zq, b = linear_ce.outer_gradients(zq, chunk.query_y, phi)
         grads = {"support": torch.zeros_like(zs), "query": grad_zq}
         if self.cg_iters == 0:
             grads.update({f"center.{k}": torch.zeros_like(v) for k, v in phi.items()})
@@ -204,7 +204,7 @@ class MemoryReduced(HeadLearner):
             batched=True,
         )
         v = cg.solution
-        grads["support"] = -linear_ce.mixed_product_features(zs, chunk.support_y, phi, v)
+        grads["support"] = -linear_ce.mixed_product_features(zs, chunk.support_y, phi, probs, v)
         grads.update({f"center.{k}": self.l2 * v[k] for k in v})
         stats = {
             "cg_residual": cg.residual.mean(),
