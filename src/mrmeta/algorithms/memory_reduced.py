@@ -43,7 +43,7 @@ class MemoryReduced(HeadLearner):
     Defaults and what was measured with them: ``K = N = 20``, ``inner_lr="auto"``, ``μ = 0.01``,
     no warm starts, a fixed head start. On Omniglot 5-way 1-shot (Lake split, Conv4-64,
     16 tasks per batch, Adam 1e-3) they reached 82.7% validation accuracy after 60 iterations
-    and 89.1% ± 0.7% test accuracy after 300 (README quick start). Warm starts are off because
+    and 89.7% ± 0.7% test accuracy after 300 (README quick start). Warm starts are off because
     the tasks change every iteration, so a slot's previous ``φ^K`` belongs to another task with
     permuted labels; on a fixed task set they cut the hypergradient error 24–31× and remove the
     floor of a cold start (benchmarks/results/convergence.md).
