@@ -182,7 +182,7 @@ def _as_leaves(name: str, tensors: Mapping[str, Tensor]) -> TensorDict:
     return {k: t.detach().requires_grad_(True) for k, t in check_tensor_dict(name, tensors).items()}
 
 
-def _grads(output: Tensor, *inputs: TensorDict) -> tuple[TensorDict, ...]:
+def grad_dicts(output: Tensor, *inputs: TensorDict) -> tuple[TensorDict, ...]:
     """``∇ output`` with respect to each dict of ``inputs`` (zeros where it does not depend)."""
     leaves = [t for group in inputs for t in group.values()]
     flat = iter(torch.autograd.grad(output, leaves, allow_unused=True))
@@ -251,7 +251,7 @@ def hypergradient(
     theta_l, phi_l = _as_leaves("theta", theta), _as_leaves("phi", phi)
     with torch.enable_grad():
         f = check_loss_call("outer_loss", outer_loss, theta_l, phi_l)
-        grad_f_theta, b = _grads(f, theta_l, phi_l)
+        grad_f_theta, b = grad_dicts(f, theta_l, phi_l)
         g = check_loss_call("inner_loss", inner_loss, theta_l, phi_l)
         grad_phi_g = dict(
             zip(phi_l, torch.autograd.grad(g, list(phi_l.values()), create_graph=True), strict=True)

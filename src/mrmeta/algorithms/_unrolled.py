@@ -24,14 +24,13 @@ from mrmeta._heads import (
     task_features,
     task_losses,
 )
-from mrmeta._tree import TensorDict, tree_detach
+from mrmeta._tree import TensorDict, tree_detach, tree_norm
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.algorithms._head import HeadLearner
 from mrmeta.algorithms.base import (
     ChunkedLearner,
     ChunkStats,
     query_stats,
-    task_grad_norm,
 )
 from mrmeta.inner import gradient_descent, unrolled_gradient_descent
 from mrmeta.tasks import TaskBatch
@@ -211,8 +210,6 @@ class HeadUnrolledLearner(HeadLearner):
         )
         pred = batched_head_forward(self.head, phi, zq)
         stats = backward_query_loss(pred, chunk.query_y, self.loss, batch_size)
-        zs_d = zs.detach()
-        stats["inner_grad_norm"] = task_grad_norm(
-            lambda p: self.lower_objective(zs_d, chunk.support_y, p, center), phi
-        ).mean()
+        inner_grad = self.lower_gradient(zs.detach(), chunk.support_y, tree_detach(phi), center)
+        stats["inner_grad_norm"] = tree_norm(inner_grad, batched=True).mean()
         return stats

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from mrmeta._heads import task_accuracies, task_losses
-from mrmeta._tree import TensorDict, tree_norm
 from mrmeta._validation import check_positive_int
 from mrmeta.tasks import TaskBatch
 
@@ -48,9 +47,7 @@ class StepStats:
 
 
 # The statistics a learner measures per chunk of tasks (the rest come from meta_step).
-CHUNK_STAT_KEYS = tuple(
-    f.name for f in fields(StepStats) if f.name not in ("grad_norm", "skipped")
-)
+CHUNK_STAT_KEYS = tuple(f.name for f in fields(StepStats) if f.name not in ("grad_norm", "skipped"))
 
 
 def mean_or_none(values: list[Tensor], weights: list[int]) -> float | None:
@@ -129,15 +126,6 @@ def accumulate_grad(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -
     for name, param in params.items():
         share = grads[name].detach()
         param.grad = share.clone() if param.grad is None else param.grad + share
-
-
-def task_grad_norm(objective: Callable[[TensorDict], Tensor], phi: Mapping[str, Tensor]) -> Tensor:
-    """``‖∇_φ g_t(φ_t)‖`` per task, ``(T,)``, at a detached copy of ``φ`` (``φ`` is ``(T, …)``
-    and ``objective`` sums the per-task losses)."""
-    with torch.enable_grad():
-        leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-        grads = torch.autograd.grad(objective(leaves), list(leaves.values()))
-    return tree_norm(dict(zip(leaves, grads, strict=True)), batched=True)
 
 
 def query_stats(pred: Tensor, target: Tensor, loss: str) -> ChunkStats:

@@ -13,7 +13,7 @@ from mrmeta._tree import TensorDict, tree_norm
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.algorithms._head import HeadLearner
 from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
-from mrmeta.implicit import conjugate_gradient, hypergradient
+from mrmeta.implicit import conjugate_gradient, grad_dicts, hypergradient
 from mrmeta.tasks import TaskBatch
 
 
@@ -264,8 +264,5 @@ def _direct_grads(outer: Any, theta: TensorDict, phi: TensorDict) -> TensorDict:
     """``∇_θ f(θ, φ)`` alone — the hypergradient without its implicit term (``N = 0``)."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     with torch.enable_grad():
-        grads = torch.autograd.grad(outer(leaves, phi), list(leaves.values()), allow_unused=True)
-    return {
-        k: torch.zeros_like(v) if g is None else g
-        for (k, v), g in zip(leaves.items(), grads, strict=True)
-    }
+        (grads,) = grad_dicts(outer(leaves, phi), leaves)
+    return grads
