@@ -5,7 +5,8 @@ on pixel values), measured with the same meter in one process:
 
 * memory: :func:`mrmeta.measure_peak_memory` over one meta-iteration after a warm-up iteration
   (CPU: the profiler's allocation trace; CUDA: ``max_memory_allocated``);
-* time: the median seconds of ``--repeats`` meta-iterations after the warm-up.
+* time: every method at a K (and the plain step) timed together in ``--rounds`` interleaved
+  rounds after the warm-up; a ratio between two methods is the median of their per-round ratios.
 
 The "plain step" row is one forward and backward pass of Conv4 on the same images in the same
 chunks — a supervised step, the floor for any method. ``--adapt last-block`` adapts the last
@@ -159,68 +160,117 @@ def step_function(learner: nn.Module, method: str, batch: TaskBatch, setting: Se
     return lambda: learner.meta_step(batch, optimizer)
 
 
-def seconds_per_iteration(run: Callable, repeats: int, device: torch.device) -> float:
-    """Median wall-clock seconds of ``repeats`` calls (after the meter's warm-up)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_seconds(
+    runs: dict[str, Callable], rounds: int, device: torch.device, slow: float, slow_rounds: int
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of every run, measured in rounds that call each run once.
+
+    The order of the runs rotates from round to round, so that a drift in the machine's speed
+    (other load, frequency changes) reaches every method alike and the per-round ratios between
+    two methods are paired measurements. A run slower than ``slow`` × the first run of round 0 is
+    timed in the first ``slow_rounds`` rounds only (MAML at K = 20 takes seconds a call).
+    """
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            if r >= slow_rounds and times[name] and times[name][0] > slow * times[names[0]][0]:
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
-def measure(method: str, k: int, setting: Setting, repeats: int) -> dict:
-    """Peak bytes and median seconds of one grid point."""
-    torch.manual_seed(0)
+def measure_k(k: int, methods: list[str], setting: Setting, args: argparse.Namespace) -> list[dict]:
+    """Peak bytes of every method at ``k`` (one at a time, after a warm-up call), then their
+    seconds per call, timed together in interleaved rounds (:func:`interleaved_seconds`)."""
     batch = random_tasks(setting, torch.Generator().manual_seed(0))
-    learner = build(method, k, setting)
-    run = step_function(learner, method, batch, setting)
-    peak = measure_peak_memory(run, device=setting.device, warmup=1)
-    seconds = seconds_per_iteration(run, repeats, setting.device)
-    return {"method": method, "k": k, "peak_bytes": peak, "seconds": seconds}
+    runs, rows = {}, {}
+    for method in methods:
+        torch.manual_seed(0)
+        run = step_function(build(method, k, setting), method, batch, setting)
+        peak = measure_peak_memory(run, device=setting.device, warmup=1)
+        runs[method] = run
+        rows[method] = {"method": method, "k": k, "peak_bytes": peak}
+    times = interleaved_seconds(runs, args.rounds, setting.device, 5.0, args.slow_rounds)
+    for method, row in rows.items():
+        row["seconds"] = statistics.median(times[method])
+        row["round_seconds"] = times[method]
+    return list(rows.values())
+
+
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, lower and upper quartile of the per-round ratios ``a_r / b_r`` (the rounds both
+    were timed in)."""
+    ratios = sorted(x / y for x, y in zip(a, b, strict=False))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return med, q1, q3
 
 
 def targets(rows: list[dict], shape: str) -> list[tuple[str, bool, str]]:
-    """The issue's targets that this grid can check: (description, holds, measured)."""
+    """The issue's targets that this grid can check: (description, holds, measured).
+
+    Speed comparisons use the per-round ratios of :func:`interleaved_seconds`: "below" holds when
+    their median is under 1, and the quartiles are printed so a tie within noise shows as one.
+    """
     table = {(r["method"], r["k"]): r for r in rows}
     ks = sorted({r["k"] for r in rows if r["method"] != "plain"})
     lo, hi = ks[0], ks[-1]
     out = []
-    if ("mrml", lo) in table and ("mrml", hi) in table:
-        m_lo, m_hi = table["mrml", lo]["peak_bytes"], table["mrml", hi]["peak_bytes"]
-        ratio = m_hi / m_lo
+    if ("mrml", lo) not in table or ("mrml", hi) not in table:
+        return out
+    mrml = table["mrml", hi]
+    ratio = mrml["peak_bytes"] / table["mrml", lo]["peak_bytes"]
+    out.append(
+        (
+            f"mrml peak memory K={hi} within 2% of K={lo}",
+            abs(ratio - 1) <= 0.02,
+            f"ratio {ratio:.4f}",
+        )
+    )
+    plain = table.get(("plain", hi))
+    if plain:
+        r = mrml["peak_bytes"] / plain["peak_bytes"]
+        out.append((f"mrml peak memory K={hi} <= 1.2x plain step", r <= 1.2, f"{r:.2f}x"))
+        med, q1, q3 = _ratio(mrml, plain)
         out.append(
             (
-                f"mrml peak memory K={hi} within 2% of K={lo}",
-                abs(ratio - 1) <= 0.02,
-                f"ratio {ratio:.4f}",
+                f"mrml s/it K={hi} <= 1.3x plain step",
+                med <= 1.3,
+                f"{med:.2f}x, quartiles {q1:.2f}-{q3:.2f}",
             )
         )
-        plain = table.get(("plain", 0))
-        if plain:
-            r = m_hi / plain["peak_bytes"]
-            out.append((f"mrml peak memory K={hi} <= 1.2x plain step", r <= 1.2, f"{r:.2f}x"))
-            s = table["mrml", hi]["seconds"] / plain["seconds"]
-            out.append((f"mrml s/it K={hi} <= 1.3x plain step", s <= 1.3, f"{s:.2f}x"))
-        for other in ("anil", "itd-bio", "maml"):
-            if (other, hi) in table:
-                faster = table["mrml", hi]["seconds"] < table[other, hi]["seconds"]
-                out.append(
-                    (
-                        f"mrml s/it K={hi} below {other}",
-                        faster,
-                        f"{table['mrml', hi]['seconds']:.3f}s vs "
-                        f"{table[other, hi]['seconds']:.3f}s",
-                    )
+    for other in ("anil", "itd-bio", "maml"):
+        if (other, hi) in table:
+            med, q1, q3 = _ratio(mrml, table[other, hi])
+            out.append(
+                (
+                    f"mrml s/it K={hi} below {other}",
+                    med < 1,
+                    f"mrml/{other} = {med:.3f}, quartiles {q1:.3f}-{q3:.3f}; "
+                    f"{mrml['seconds']:.3f}s vs {table[other, hi]['seconds']:.3f}s",
                 )
-        if shape == "cifar-fs" and ("maml", hi) in table:
-            r = table["maml", hi]["peak_bytes"] / m_hi
-            out.append((f"MAML peak memory K={hi} >= 10x mrml", r >= 10, f"{r:.1f}x"))
+            )
+    if shape == "cifar-fs" and ("maml", hi) in table:
+        r = table["maml", hi]["peak_bytes"] / mrml["peak_bytes"]
+        out.append((f"MAML peak memory K={hi} >= 10x mrml", r >= 10, f"{r:.1f}x"))
     return out
+
+
+def _ratio(a: dict, b: dict) -> tuple[float, float, float]:
+    """Paired per-round ratio of two rows' seconds (median ratio of medians for old results)."""
+    if "round_seconds" in a and "round_seconds" in b:
+        return paired_ratio(a["round_seconds"], b["round_seconds"])
+    r = a["seconds"] / b["seconds"]
+    return r, r, r
 
 
 def markdown(results: dict) -> str:
@@ -243,7 +293,7 @@ def _shape_tables(shape: str, block: dict) -> list[str]:
     rows, ks = block["rows"], block["ks"]
     head_only = "adapt head" in block["setting"]  # the paper's figures adapt the head only
     table = {(r["method"], r["k"]): r for r in rows}
-    plain = table[("plain", 0)]
+    plains = {k: table.get(("plain", k), table.get(("plain", 0))) for k in ks}
     head = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
     rule = "|---|" + "---|" * len(ks)
     lines = [
@@ -253,7 +303,9 @@ def _shape_tables(shape: str, block: dict) -> list[str]:
         "",
         head,
         rule,
-        f"| plain step | {plain['peak_bytes'] / 1e6:.1f} (floor) |" + " |" * (len(ks) - 1),
+        "| plain step (floor) | "
+        + " | ".join(f"{plains[k]['peak_bytes'] / 1e6:.1f}" for k in ks)
+        + " |",
     ]
     for method in METHODS[1:]:
         cells = []
@@ -265,16 +317,16 @@ def _shape_tables(shape: str, block: dict) -> list[str]:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Seconds per meta-iteration as a ratio to the plain step ({plain['seconds']:.3f} s):",
+        "Seconds per meta-iteration as a ratio to the plain step timed in the same rounds "
+        "(median of the per-round ratios; the plain step's median seconds in its row):",
         "",
         head,
         rule,
+        "| plain step (s) | " + " | ".join(f"{plains[k]['seconds']:.3f}" for k in ks) + " |",
     ]
     for method in METHODS[1:]:
         cells = [
-            f"{table[(method, k)]['seconds'] / plain['seconds']:.2f}"
-            if (method, k) in table
-            else "—"
+            f"{_ratio(table[(method, k)], plains[k])[0]:.2f}" if (method, k) in table else "—"
             for k in ks
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -312,7 +364,8 @@ def plot(results: dict, path: Path) -> None:
             ax.scatter(
                 *zip(*paper, strict=True), marker="x", color="k", zorder=3, label="paper (GPU)"
             )
-        ax.axhline(table[("plain", 0)], color="k", ls="--", lw=1, label="plain step")
+        plain = table.get(("plain", block["ks"][-1]), table.get(("plain", 0)))
+        ax.axhline(plain, color="k", ls="--", lw=1, label="plain step")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
         ax.set(ylabel="peak memory (MB)", title=f"{shape} ({block['setting']})")
         ax.legend(fontsize=8)
@@ -325,14 +378,15 @@ def run_shape(shape: str, args: argparse.Namespace, device: torch.device) -> dic
     setting = Setting(
         shape, 5, 5, 5, args.tasks, args.chunk_size, args.adapt, args.cg_iters, device
     )
-    rows = [measure("plain", 0, setting, args.repeats)]
-    for method in args.methods:
-        for k in args.ks:
-            rows.append(measure(method, k, setting, args.repeats))
-            print(json.dumps({"shape": shape, **rows[-1]}), flush=True)
+    rows = []
+    for k in args.ks:
+        for row in measure_k(k, ["plain", *args.methods], setting, args):
+            rows.append(row)
+            brief = {key: v for key, v in row.items() if key != "round_seconds"}
+            print(json.dumps({"shape": shape, **brief}), flush=True)
     desc = (
         f"5-way 5-shot 5-query, {args.tasks} tasks, chunk {args.chunk_size or 'all'}, "
-        f"adapt {args.adapt}, N={args.cg_iters}"
+        f"adapt {args.adapt}, N={args.cg_iters}, {args.rounds} timing rounds"
     )
     return {"setting": desc, "ks": args.ks, "rows": rows, "targets": targets(rows, shape)}
 
@@ -346,7 +400,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=lambda s: None if s == "all" else int(s), default=1)
     parser.add_argument("--adapt", choices=("head", "last-block"), default="head")
     parser.add_argument("--cg-iters", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="timing rounds (each calls every method once)"
+    )
+    parser.add_argument(
+        "--slow-rounds",
+        type=int,
+        default=3,
+        help="rounds for methods slower than 5x the plain step",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default=None, help="file name tag (default: from settings)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
