@@ -289,9 +289,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparable_to_paper(block: dict) -> bool:
+    """Whether a grid's setting is the paper's: the head adapted, tasks one at a time."""
+    return "adapt head" in block["setting"] and "chunk 1," in block["setting"]
+
+
 def _shape_tables(shape: str, block: dict) -> list[str]:
     rows, ks = block["rows"], block["ks"]
-    head_only = "adapt head" in block["setting"]  # the paper's figures adapt the head only
+    head_only = comparable_to_paper(block)
     table = {(r["method"], r["k"]): r for r in rows}
     plains = {k: table.get(("plain", k), table.get(("plain", 0))) for k in ks}
     head = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
@@ -358,7 +363,7 @@ def plot(results: dict, path: Path) -> None:
             (j + i * width, PAPER_MB[(shape, m)][k])
             for j, m in enumerate(methods)
             for i, k in enumerate(block["ks"])
-            if k in PAPER_MB.get((shape, m), {})
+            if k in PAPER_MB.get((shape, m), {}) and comparable_to_paper(block)
         ]
         if paper:
             ax.scatter(
