@@ -266,11 +266,8 @@ def targets(rows: list[dict], shape: str) -> list[tuple[str, bool, str]]:
 
 
 def _ratio(a: dict, b: dict) -> tuple[float, float, float]:
-    """Paired per-round ratio of two rows' seconds (median ratio of medians for old results)."""
-    if "round_seconds" in a and "round_seconds" in b:
-        return paired_ratio(a["round_seconds"], b["round_seconds"])
-    r = a["seconds"] / b["seconds"]
-    return r, r, r
+    """:func:`paired_ratio` of two rows' per-round seconds."""
+    return paired_ratio(a["round_seconds"], b["round_seconds"])
 
 
 def markdown(results: dict) -> str:
@@ -298,7 +295,7 @@ def _shape_tables(shape: str, block: dict) -> list[str]:
     rows, ks = block["rows"], block["ks"]
     head_only = comparable_to_paper(block)
     table = {(r["method"], r["k"]): r for r in rows}
-    plains = {k: table.get(("plain", k), table.get(("plain", 0))) for k in ks}
+    plains = {k: table[("plain", k)] for k in ks}
     head = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
     rule = "|---|" + "---|" * len(ks)
     lines = [
@@ -369,8 +366,7 @@ def plot(results: dict, path: Path) -> None:
             ax.scatter(
                 *zip(*paper, strict=True), marker="x", color="k", zorder=3, label="paper (GPU)"
             )
-        plain = table.get(("plain", block["ks"][-1]), table.get(("plain", 0)))
-        ax.axhline(plain, color="k", ls="--", lw=1, label="plain step")
+        ax.axhline(table[("plain", block["ks"][-1])], color="k", ls="--", lw=1, label="plain step")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
         ax.set(ylabel="peak memory (MB)", title=f"{shape} ({block['setting']})")
         ax.legend(fontsize=8)

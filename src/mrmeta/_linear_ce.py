@@ -24,10 +24,21 @@ from torch import Tensor
 from mrmeta._tree import TensorDict
 
 
+def logits(features: Tensor, phi: TensorDict) -> Tensor:
+    """``Z Wᵀ + b``: ``(T, n, d)`` features → ``(T, n, C)`` (linear in ``φ``, so also the
+    logits' direction ``D = Z V_Wᵀ + V_b`` along ``v``)."""
+    return torch.baddbmm(phi["bias"].unsqueeze(1), features, phi["weight"].transpose(1, 2))
+
+
+def pull_back(features: Tensor, logit_grad: Tensor) -> TensorDict:
+    """``(Gᵀ Z, Σ_i G_i)``: a gradient ``G (T, n, C)`` with respect to the logits carried to
+    ``φ = (W, b)``."""
+    return {"weight": torch.bmm(logit_grad.transpose(1, 2), features), "bias": logit_grad.sum(1)}
+
+
 def probabilities(features: Tensor, phi: TensorDict) -> Tensor:
     """``softmax(Z Wᵀ + b)``: ``(T, n, d)`` features → ``(T, n, C)``."""
-    logits = torch.baddbmm(phi["bias"].unsqueeze(1), features, phi["weight"].transpose(1, 2))
-    return logits.softmax(-1)
+    return logits(features, phi).softmax(-1)
 
 
 def residual(probs: Tensor, labels: Tensor) -> Tensor:
@@ -40,8 +51,7 @@ def head_gradient(
     features: Tensor, labels: Tensor, phi: TensorDict, center: TensorDict, l2: float
 ) -> TensorDict:
     """``∇_φ g_t`` of every task (mean CE + ``μ/2‖φ − c‖²``), shaped like ``phi``."""
-    r = residual(probabilities(features, phi), labels)
-    grad = {"weight": torch.bmm(r.transpose(1, 2), features), "bias": r.sum(1)}
+    grad = pull_back(features, residual(probabilities(features, phi), labels))
     if l2 > 0:
         grad = {k: g + l2 * (phi[k] - center[k]) for k, g in grad.items()}
     return grad
@@ -52,16 +62,9 @@ def softmax_jvp(probs: Tensor, direction: Tensor) -> Tensor:
     return probs * (direction - (probs * direction).sum(-1, keepdim=True))
 
 
-def logit_direction(features: Tensor, v: TensorDict) -> Tensor:
-    """``D = Z V_Wᵀ + V_b``: how the logits move along ``v``, ``(T, n, C)``."""
-    return torch.baddbmm(v["bias"].unsqueeze(1), features, v["weight"].transpose(1, 2))
-
-
 def head_hvp(features: Tensor, probs: Tensor, v: TensorDict, l2: float) -> TensorDict:
     """``∇²_φ g_t · v_t`` for every task, with ``probs`` the softmax at the current ``φ``."""
-    n = features.shape[1]
-    jd = softmax_jvp(probs, logit_direction(features, v)) / n
-    out = {"weight": torch.bmm(jd.transpose(1, 2), features), "bias": jd.sum(1)}
+    out = pull_back(features, softmax_jvp(probs, logits(features, v)) / features.shape[1])
     return {k: out[k] + l2 * v[k] for k in out} if l2 > 0 else out
 
 
@@ -70,12 +73,11 @@ def mixed_product_features(
 ) -> Tensor:
     """``∂/∂Z ⟨∇_φ g_t(Z, φ), v_t⟩ = R V_W + J(D) W / n``: ``(T, n, d)``, with ``probs`` the
     softmax at ``(Z, φ)``."""
-    jd = softmax_jvp(probs, logit_direction(features, v)) / features.shape[1]
+    jd = softmax_jvp(probs, logits(features, v)) / features.shape[1]
     return torch.bmm(residual(probs, labels), v["weight"]) + torch.bmm(jd, phi["weight"])
 
 
 def outer_gradients(features: Tensor, labels: Tensor, phi: TensorDict) -> tuple[Tensor, TensorDict]:
     """For ``f_t = CE(Z_q Wᵀ + b, y_q)``: ``∇_{Z_q} f`` and ``∇_φ f``."""
     r = residual(probabilities(features, phi), labels)
-    grad_phi = {"weight": torch.bmm(r.transpose(1, 2), features), "bias": r.sum(1)}
-    return torch.bmm(r, phi["weight"]), grad_phi
+    return torch.bmm(r, phi["weight"]), pull_back(features, r)
