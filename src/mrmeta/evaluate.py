@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mrmeta._heads import batched_head_forward, task_accuracies, task_features, task_losses
+from mrmeta._per_task import batched_head_forward, task_accuracies, task_features, task_losses
 from mrmeta.algorithms.base import MetaLearner
 from mrmeta.config import PROTOCOLS
 from mrmeta.inner import gradient_descent

@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
-from mrmeta._heads import l2_penalty, linear_head_lipschitz, task_losses
+from mrmeta._per_task import task_losses
 from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.implicit import hypergradient
 from mrmeta.inner import gradient_descent
+from mrmeta.lower_level import l2_penalty, linear_head_lipschitz
 
 KINDS = {"logistic": "cross_entropy", "ridge": "mse"}
 
@@ -68,7 +69,7 @@ class SyntheticProblem:
         support_y: ``(M, n)`` int64 labels (logistic) or ``(M, n, c)`` targets (ridge).
         query_x: ``(M, n, d_in)``.
         query_y: like ``support_y``.
-        loss: ``"cross_entropy"`` or ``"mse"`` (a :mod:`mrmeta._heads` loss name).
+        loss: ``"cross_entropy"`` or ``"mse"`` (a :mod:`mrmeta._per_task` loss name).
         out_dim: ``c``, classes or regression outputs.
         features: ``d``, width of the feature map ``tanh(X A)``.
         l2: ``μ > 0``, the strong-convexity coefficient of every lower level.
@@ -418,7 +419,7 @@ def estimate_hypergradient(
     """Algorithm 1's ``ĝ = (1/|B|) Σ_{i∈B} [∇_θ f_i − ∇²_{θφ} g_i · v_i]`` at ``φ_i^K``.
 
     ``φ_i^K``: ``K`` steps of :func:`mrmeta.gradient_descent` from the warm start (or 0) at
-    step ``1/L_i`` (:func:`mrmeta._heads.linear_head_lipschitz`); ``v_i``: ``N`` CG steps in
+    step ``1/L_i`` (:func:`mrmeta.lower_level.linear_head_lipschitz`); ``v_i``: ``N`` CG steps in
     :func:`mrmeta.hypergradient` (``batched=True``) from the warm start (or 0). ``memory`` is
     updated in place with the new ``φ^K`` and ``v`` of the visited tasks.
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torch import Tensor, nn
 
-from mrmeta._heads import task_accuracies, task_losses
+from mrmeta._per_task import task_accuracies, task_losses
 from mrmeta._validation import check_positive_int
 from mrmeta.tasks import TaskBatch
 
@@ -26,6 +26,9 @@ class StepStats:
         accuracy: mean query accuracy (``None`` for regression).
         inner_grad_norm: mean ``‖∇_φ g(θ, φ^K)‖`` — how well the lower level was solved
             (``None`` where the method has no separate lower level).
+        inner_grad_norm_max: the largest ``‖∇_φ g(θ, φ^K)‖`` over the batch's tasks.
+        inner_iterations: mean iterations the lower-level solver used per task (Newton
+            iterations, or the ``K`` gradient steps).
         cg_residual: mean final CG residual ``‖∇_φ f − H v‖`` (``None`` without CG).
         cg_breakdowns: fraction of tasks whose CG stopped on non-positive curvature or a
             non-finite value (``None`` without CG); such a task keeps its last good ``v``.
@@ -36,6 +39,8 @@ class StepStats:
     loss: float
     accuracy: float | None = None
     inner_grad_norm: float | None = None
+    inner_grad_norm_max: float | None = None
+    inner_iterations: float | None = None
     cg_residual: float | None = None
     cg_breakdowns: float | None = None
     grad_norm: float = math.nan
@@ -56,6 +61,20 @@ def mean_or_none(values: list[Tensor], weights: list[int]) -> float | None:
         return None
     total = sum(float(v) * w for v, w in zip(values, weights, strict=True))
     return total / sum(weights)
+
+
+def combine_chunk_stats(per_chunk: list[ChunkStats], sizes: list[int]) -> dict[str, float | None]:
+    """Per-chunk statistics of a batch combined: a ``*_max`` key by its maximum, every other
+    by the task-weighted mean; ``None`` where no chunk measured it."""
+    combined: dict[str, float | None] = {}
+    for key in CHUNK_STAT_KEYS:
+        values = [s[key] for s in per_chunk if key in s]
+        if key.endswith("_max"):
+            combined[key] = max(float(v) for v in values) if values else None
+        else:
+            weights = [n for s, n in zip(per_chunk, sizes, strict=True) if key in s]
+            combined[key] = mean_or_none(values, weights)
+    return combined
 
 
 class MetaLearner(nn.Module, ABC):
@@ -105,6 +124,11 @@ class MetaLearner(nn.Module, ABC):
             reduce_gradients: called between the meta-gradient and the step (e.g. an all-reduce
                 across processes).
         """
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(
+                f"batch must be a mrmeta.TaskBatch (support_x, support_y, query_x, query_y); "
+                f"got {type(batch).__name__}"
+            )
         optimizer.zero_grad(set_to_none=True)
         stats = self.compute_meta_gradient(batch)
         if not math.isfinite(stats.loss):  # make the gradient say so too (seen by every rank)
@@ -155,10 +179,9 @@ class ChunkedLearner(MetaLearner):
         )
 
     @abstractmethod
-    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int, offset: int) -> ChunkStats:
-        """Add ``(1/B) Σ_{t ∈ chunk} ∇ f_t`` to ``.grad``; return per-chunk means (0-d).
-
-        ``offset`` is the index of the chunk's first task in the batch (its task slot)."""
+    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
+        """Add ``(1/B) Σ_{t ∈ chunk} ∇ f_t`` to ``.grad``; return per-chunk statistics (0-d:
+        means, or maxima for ``*_max`` keys)."""
 
     @abstractmethod
     def _chunk_predict(self, chunk: TaskBatch) -> Tensor:
@@ -169,20 +192,28 @@ class ChunkedLearner(MetaLearner):
 
     def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
         """The method's meta-gradient of the batch's mean query loss, added to ``.grad``."""
-        sizes, per_chunk, offset = [], [], 0
+        sizes, per_chunk = [], []
         for chunk in batch.chunks(self.chunk_size):
-            per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks, offset))
+            per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks))
             sizes.append(chunk.num_tasks)
-            offset += chunk.num_tasks
         self._end_batch()
-        return StepStats(
-            **{
-                key: mean_or_none([s[key] for s in per_chunk if key in s], sizes)
-                for key in CHUNK_STAT_KEYS
-            }
-        )
+        return StepStats(**combine_chunk_stats(per_chunk, sizes))
 
     @torch.no_grad()
     def predict(self, batch: TaskBatch) -> Tensor:
         """Adapt on the support sets, predict the queries: ``(B, n_query, out)``."""
         return torch.cat([self._chunk_predict(chunk) for chunk in batch.chunks(self.chunk_size)])
+
+
+
+def backward_query_loss(pred: Tensor, target: Tensor, loss: str, batch_size: int) -> ChunkStats:
+    """Back-propagate ``(1/B) Σ_t f_t`` of a chunk into ``.grad``; return its statistics.
+
+    Args:
+        pred: ``(T, n_query, out)`` predictions, in the graph of the meta-parameters.
+        target: ``(T, n_query)`` labels or ``(T, n_query, out)`` targets.
+        loss: task loss name.
+        batch_size: ``B``, the number of tasks of the whole batch (not of the chunk).
+    """
+    (task_losses(pred, target, loss).sum() / batch_size).backward()
+    return query_stats(pred, target, loss)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mrmeta._heads import l2_penalty, task_losses
+from mrmeta._per_task import task_losses
 from mrmeta._tree import TensorDict, tree_norm
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.algorithms._unrolled import (
+from mrmeta.algorithms._whole_network import (
     WholeNetworkLearner,
     batched_forward,
     per_task,
@@ -16,6 +16,7 @@ from mrmeta.algorithms._unrolled import (
 )
 from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
 from mrmeta.implicit import CGResult, conjugate_gradient, vjp_dict
+from mrmeta.lower_level import l2_penalty
 from mrmeta.tasks import TaskBatch
 
 
@@ -120,9 +121,7 @@ class IMAML(WholeNetworkLearner):
         inner = {k: grad_s[k].detach() + self.reg * (phi[k] - theta[k].detach()) for k in keys}
         return cg, pred.detach(), tree_norm(inner, batched=True)
 
-    def _chunk_meta_gradient(
-        self, chunk: TaskBatch, batch_size: int, offset: int = 0
-    ) -> ChunkStats:
+    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
         phi = self.adapt(chunk.support_x, chunk.support_y)
         cg, pred, inner_norm = self.solve_implicit(chunk, phi)
         shares = {k: v.sum(0) / batch_size for k, v in cg.solution.items()}

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from mrmeta.algorithms._unrolled import HeadUnrolledLearner
+from mrmeta.algorithms._head_learner import HeadUnrolledLearner
 
 
 class ITDBiO(HeadUnrolledLearner):

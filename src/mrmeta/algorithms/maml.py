@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from mrmeta.algorithms._unrolled import (
-    ChunkStats,
+from mrmeta.algorithms._whole_network import (
     WholeNetworkLearner,
-    backward_query_loss,
     batched_forward,
     per_task,
     requiring_grad,
 )
+from mrmeta.algorithms.base import ChunkStats, backward_query_loss
 from mrmeta.inner import unrolled_gradient_descent
 from mrmeta.tasks import TaskBatch
 
@@ -67,9 +66,7 @@ class MAML(WholeNetworkLearner):
         )
         self.first_order = bool(first_order)
 
-    def _chunk_meta_gradient(
-        self, chunk: TaskBatch, batch_size: int, offset: int = 0
-    ) -> ChunkStats:
+    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
         theta = per_task(requiring_grad(self.model), chunk.num_tasks)
         phi = unrolled_gradient_descent(
             lambda p: self.inner_objective(chunk.support_x, chunk.support_y, p, theta),

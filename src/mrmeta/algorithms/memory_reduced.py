@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from mrmeta import _linear_ce as linear_ce
-from mrmeta._heads import batched_head_forward, task_features, task_losses
-from mrmeta._tree import TensorDict, tree_norm
+from mrmeta._per_task import batched_head_forward, task_features
+from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.algorithms._head import HeadLearner
-from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
-from mrmeta.implicit import conjugate_gradient, grad_dicts, hypergradient
+from mrmeta.algorithms._head_learner import HeadLearner, non_finite_features, solve_stats
+from mrmeta.algorithms.base import ChunkStats, StepStats, accumulate_grad, query_stats
+from mrmeta.implicit import CGResult, head_hypergradient
+from mrmeta.lower_level import Solver
 from mrmeta.tasks import TaskBatch
 
 
@@ -87,17 +88,18 @@ class MemoryReduced(HeadLearner):
         backbone: nn.Module,
         head: nn.Module,
         *,
-        inner_steps: int = 200,
+        inner_solver: Solver = "newton",
+        inner_steps: int = 50,
+        inner_tol: float = 1e-6,
         inner_lr: float | Literal["auto"] = "auto",
         cg_iters: int = 20,
+        cg_tol: float = 0.0,
         l2: float = 0.01,
         loss: str = "cross_entropy",
         warm_start_head: bool = False,
         warm_start_cg: bool = False,
         learn_head_init: bool = False,
         chunk_size: int | None = 1,
-        cg_tol: float = 0.0,
-        closed_form: bool = True,
     ) -> None:
         super().__init__(
             backbone,
@@ -108,138 +110,60 @@ class MemoryReduced(HeadLearner):
             chunk_size=chunk_size,
             l2=l2,
             learn_head_init=learn_head_init,
+            inner_solver=inner_solver,
+            inner_tol=inner_tol,
         )
         self.cg_iters = check_positive_int("cg_iters", cg_iters, minimum=0)
         self.cg_tol = check_finite_number("cg_tol", cg_tol)
         self.warm_start_head, self.warm_start_cg = bool(warm_start_head), bool(warm_start_cg)
-        self.closed_form = bool(closed_form)
-        self._slot_heads: TensorDict | None = None
-        self._slot_cg: TensorDict | None = None
-        self._pending: list[tuple[TensorDict, TensorDict | None]] = []
-
-    # ----------------------------------------------------------------- warm starts per slot
-    def _slot_start(self, offset: int, tasks: int) -> TensorDict:
-        """``φ⁰`` of the slots ``offset..offset+tasks-1``: the previous ``φ^K`` when warm."""
-        saved = self._slot_heads
-        if self.warm_start_head and saved is not None and _covers(saved, offset + tasks):
-            return {k: v[offset : offset + tasks] for k, v in saved.items()}
-        return self.head_start(tasks)
-
-    def _slot_v0(self, offset: int, tasks: int) -> TensorDict | None:
-        """CG's start for those slots: the previous ``v`` when warm, else ``None`` (zeros)."""
-        saved = self._slot_cg
-        if self.warm_start_cg and saved is not None and _covers(saved, offset + tasks):
-            return {k: v[offset : offset + tasks] for k, v in saved.items()}
-        return None
-
-    def _end_batch(self) -> None:
-        """Keep this batch's ``φ^K`` and ``v`` per slot for the next iteration's warm starts."""
-        heads, vs = zip(*self._pending, strict=True) if self._pending else ((), ())
-        self._pending = []
-        self._slot_heads = _concat_slots(list(heads)) if self.warm_start_head else None
-        keep_v = self.warm_start_cg and vs and vs[0] is not None
-        self._slot_cg = _concat_slots(list(vs)) if keep_v else None
+        self.slots = SlotWarmStarts()
 
     def reset_state(self) -> None:
         """Drop the warm starts (e.g. after a non-finite step)."""
-        self._slot_heads = self._slot_cg = None
+        self.slots.clear()
 
-    # ----------------------------------------------------------------- meta-gradient
-    def _feature_grads(
-        self, chunk: TaskBatch, zs: Tensor, zq: Tensor, phi: TensorDict, offset: int
-    ) -> tuple[TensorDict, ChunkStats, TensorDict | None]:
-        """Hypergradient with respect to ``(Z_s, Z_q, c)`` per task (summed over the chunk),
-        the CG statistics, and CG's solution ``v``."""
-        tasks = chunk.num_tasks
-        theta = {"support": zs, "query": zq}
-        if self.learn_head_init:
-            theta.update({f"center.{k}": v for k, v in self.l2_center(tasks).items()})
+    def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
+        """:meth:`ChunkedLearner.compute_meta_gradient`; a batch that fails part-way leaves no
+        half-recorded warm starts behind."""
+        try:
+            return super().compute_meta_gradient(batch)
+        finally:
+            self.slots.drop_pending()
 
-        def outer(th: TensorDict, ph: TensorDict) -> Tensor:
-            pred = batched_head_forward(self.head, ph, th["query"])
-            return task_losses(pred, chunk.query_y, self.loss).sum()
-
-        def inner(th: TensorDict, ph: TensorDict) -> Tensor:
-            if self.learn_head_init:
-                center = {k: th[f"center.{k}"] for k in ph}
-            else:
-                center = self.l2_center(tasks)
-            return self.lower_objective(th["support"], chunk.support_y, ph, center)
-
-        if self.uses_closed_form:
-            return self._closed_form_grads(chunk, zs, zq, phi, self._slot_v0(offset, tasks))
-        if self.cg_iters == 0:
-            return _direct_grads(outer, theta, phi), {}, None
-        result = hypergradient(
-            outer,
-            inner,
-            theta,
-            phi,
-            cg_iters=self.cg_iters,
-            tol=self.cg_tol,
-            batched=True,
-            v0=self._slot_v0(offset, tasks),
-        )
-        cg = result.cg
-        stats = {
-            "cg_residual": cg.residual.mean(),
-            "cg_breakdowns": cg.failed.to(cg.residual.dtype).mean(),
-        }
-        return result.grad, stats, result.v
-
-    def _closed_form_grads(
-        self, chunk: TaskBatch, zs: Tensor, zq: Tensor, phi: TensorDict, v0: TensorDict | None
-    ) -> tuple[TensorDict, ChunkStats, TensorDict | None]:
-        """:meth:`_feature_grads` for a linear head with cross-entropy, in closed form
-        (:mod:`mrmeta._linear_ce`): the same quantities without autograd on the head."""
-        grad_zq, b = linear_ce.outer_gradients(zq, chunk.query_y, phi)
-        grads = {"support": torch.zeros_like(zs), "query": grad_zq}
-        if self.cg_iters == 0:
-            grads.update({f"center.{k}": torch.zeros_like(v) for k, v in phi.items()})
-            return grads, {}, None
-        probs = linear_ce.probabilities(zs, phi)
-        cg = conjugate_gradient(
-            lambda v: linear_ce.head_hvp(zs, probs, v, self.l2),
-            b,
-            v0,
-            iters=self.cg_iters,
-            tol=self.cg_tol,
-            batched=True,
-        )
-        v = cg.solution
-        grads["support"] = -linear_ce.mixed_product_features(zs, chunk.support_y, phi, probs, v)
-        grads.update({f"center.{k}": self.l2 * v[k] for k in v})
-        stats = {
-            "cg_residual": cg.residual.mean(),
-            "cg_breakdowns": cg.failed.to(cg.residual.dtype).mean(),
-        }
-        return grads, stats, {k: t.detach() for k, t in v.items()}
-
-    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int, offset: int) -> ChunkStats:
-        """Accumulate one chunk's share of the meta-gradient; return its statistics."""
-        tasks = chunk.num_tasks
+    def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
+        """Features → lower-level solve → hypergradient → one backward pass of the backbone."""
         zs = task_features(self.backbone, chunk.support_x)
         zq = task_features(self.backbone, chunk.query_x)
-        zs_d, zq_d = zs.detach(), zq.detach()
-        center = self.l2_center(tasks)
-        phi = self.solve_lower_level(zs_d, chunk.support_y, self._slot_start(offset, tasks), center)
-        grads, cg_stats, v = self._feature_grads(chunk, zs_d, zq_d, phi, offset)
-        torch.autograd.backward(
-            [zs, zq], [grads["support"] / batch_size, grads["query"] / batch_size]
+        if (skip := non_finite_features(zs, zq)) is not None:
+            return skip
+        tasks = chunk.num_tasks
+        problem = self.problem(zs, chunk.support_y)
+        start = self.slots.heads_for(tasks) if self.warm_start_head else None
+        phi, report = self.solve(problem, self.head_start(tasks) if start is None else start)
+        v0 = self.slots.v_for(tasks) if self.warm_start_cg else None
+        result = head_hypergradient(
+            problem, phi, zq.detach(), chunk.query_y, cg_iters=self.cg_iters, v0=v0, tol=self.cg_tol
         )
+        torch.autograd.backward([zs, zq], [result.support / batch_size, result.query / batch_size])
         if self.learn_head_init:
             params = dict(self.head.named_parameters())
-            accumulate_grad(params, {k: grads[f"center.{k}"].sum(0) / batch_size for k in params})
-        self._pending.append((phi, v))
-        stats = query_stats(batched_head_forward(self.head, phi, zq_d), chunk.query_y, self.loss)
-        inner_grad = self.lower_gradient(zs_d, chunk.support_y, phi, center)
-        stats["inner_grad_norm"] = tree_norm(inner_grad, batched=True).mean()
-        return {**stats, **cg_stats}
+            accumulate_grad(params, {k: result.center[k].sum(0) / batch_size for k in params})
+        self.slots.record(phi, result.v)
+        pred = batched_head_forward(self.head, phi, zq.detach())
+        return {
+            **query_stats(pred, chunk.query_y, self.loss),
+            **solve_stats(report),
+            **_cg_stats(result.cg),
+        }
+
+    def _end_batch(self) -> None:
+        """Keep this batch's ``φ`` and ``v`` per slot for the next iteration's warm starts."""
+        self.slots.end_batch(keep_heads=self.warm_start_head, keep_v=self.warm_start_cg)
 
     # ----------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:
         """The warm-start state per task slot, so that a resumed run continues exactly."""
-        return {"slot_heads": self._slot_heads, "slot_cg": self._slot_cg}
+        return {"slot_heads": self.slots.heads, "slot_cg": self.slots.vs}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the warm starts, on the device and dtype of the head."""
@@ -248,21 +172,72 @@ class MemoryReduced(HeadLearner):
         def move(saved: TensorDict | None) -> TensorDict | None:
             return None if saved is None else {k: v.to(ref) for k, v in saved.items()}
 
-        self._slot_heads = move(state.get("slot_heads"))
-        self._slot_cg = move(state.get("slot_cg"))
+        self.slots = SlotWarmStarts(move(state.get("slot_heads")), move(state.get("slot_cg")))
 
 
-def _covers(saved: TensorDict, slots: int) -> bool:
-    return next(iter(saved.values())).shape[0] >= slots
+def _cg_stats(cg: CGResult | None) -> ChunkStats:
+    if cg is None:
+        return {}
+    return {
+        "cg_residual": cg.residual.mean(),
+        "cg_breakdowns": cg.failed.to(cg.residual.dtype).mean(),
+    }
 
 
-def _concat_slots(parts: list[TensorDict]) -> TensorDict:
+@dataclass
+class SlotWarmStarts:
+    """The warm starts of MemoryReduced, per task slot of a batch (slot = position in it).
+
+    Attributes:
+        heads: the last batch's ``φ`` per slot, ``(B, *shape)`` per name, or ``None``.
+        vs: the last batch's CG solution ``v`` per slot, or ``None``.
+        pending: this batch's ``(φ, v)`` per chunk so far; the next chunk's slots start at
+            :attr:`offset`.
+    """
+
+    heads: TensorDict | None = None
+    vs: TensorDict | None = None
+    pending: list[tuple[TensorDict, TensorDict | None]] = field(default_factory=list)
+
+    @property
+    def offset(self) -> int:
+        """The slot of the next chunk's first task."""
+        return sum(next(iter(phi.values())).shape[0] for phi, _ in self.pending)
+
+    def _slots(self, saved: TensorDict | None, tasks: int) -> TensorDict | None:
+        start = self.offset
+        if saved is None or next(iter(saved.values())).shape[0] < start + tasks:
+            return None
+        return {k: v[start : start + tasks] for k, v in saved.items()}
+
+    def heads_for(self, tasks: int) -> TensorDict | None:
+        """The previous ``φ`` of the next ``tasks`` slots (``None`` when there is none)."""
+        return self._slots(self.heads, tasks)
+
+    def v_for(self, tasks: int) -> TensorDict | None:
+        """The previous ``v`` of the next ``tasks`` slots (``None``: CG starts from zero)."""
+        return self._slots(self.vs, tasks)
+
+    def record(self, phi: TensorDict, v: TensorDict | None) -> None:
+        """One chunk's ``φ`` and ``v``, in slot order."""
+        self.pending.append(({k: t.detach() for k, t in phi.items()}, v))
+
+    def end_batch(self, *, keep_heads: bool, keep_v: bool) -> None:
+        """Make this batch's ``φ`` (and ``v``) the warm starts of the next one."""
+        heads, vs = zip(*self.pending, strict=True) if self.pending else ((), ())
+        self.heads = _concat(list(heads)) if keep_heads and heads else None
+        self.vs = _concat(list(vs)) if keep_v and vs and vs[0] is not None else None
+        self.pending = []
+
+    def drop_pending(self) -> None:
+        """Forget a batch that did not finish."""
+        self.pending = []
+
+    def clear(self) -> None:
+        """No warm starts at all."""
+        self.heads = self.vs = None
+        self.pending = []
+
+
+def _concat(parts: list[TensorDict]) -> TensorDict:
     return {k: torch.cat([p[k] for p in parts]).detach() for k in parts[0]}
-
-
-def _direct_grads(outer: Any, theta: TensorDict, phi: TensorDict) -> TensorDict:
-    """``∇_θ f(θ, φ)`` alone — the hypergradient without its implicit term (``N = 0``)."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-    with torch.enable_grad():
-        (grads,) = grad_dicts(outer(leaves, phi), leaves)
-    return grads

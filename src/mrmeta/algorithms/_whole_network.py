@@ -1,38 +1,23 @@
-"""Machinery shared by the baselines (MAML, first-order MAML, ANIL, ITD-BiO, iMAML).
+"""The methods that adapt every parameter of the network (MAML, first-order MAML, iMAML).
 
-* :class:`ChunkedLearner` — the chunk loop of :meth:`compute_meta_gradient` and :meth:`predict`
-  and the averaging of per-chunk statistics; a subclass writes one chunk's work.
 * :func:`batched_forward` — a whole network with per-task parameters on a task batch
   (``functional_call`` per task), so BatchNorm statistics stay per task.
-* :class:`WholeNetworkLearner` — methods that adapt every parameter (MAML, iMAML).
-* :class:`HeadUnrolledLearner` — methods that adapt only the head on backbone features computed
-  once per task and back-propagate through the unrolled steps (ANIL, ITD-BiO).
+* :class:`WholeNetworkLearner` — their common base: the lower level ``K`` steps from ``θ``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mrmeta._heads import (
-    batched_head_forward,
-    check_loss_name,
-    task_features,
-    task_losses,
-)
-from mrmeta._tree import TensorDict, tree_detach, tree_norm
+from mrmeta._per_task import check_loss_name, task_losses
+from mrmeta._tree import TensorDict, tree_detach
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.algorithms._head import HeadLearner
-from mrmeta.algorithms.base import (
-    ChunkedLearner,
-    ChunkStats,
-    query_stats,
-)
-from mrmeta.inner import gradient_descent, unrolled_gradient_descent
+from mrmeta.algorithms.base import ChunkedLearner
+from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
 
 
@@ -76,20 +61,7 @@ def requiring_grad(module: nn.Module) -> TensorDict:
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 
-def backward_query_loss(pred: Tensor, target: Tensor, loss: str, batch_size: int) -> ChunkStats:
-    """Back-propagate ``(1/B) Σ_t f_t`` of a chunk into ``.grad``; return its statistics.
 
-    Args:
-        pred: ``(T, n_query, out)`` predictions, in the graph of the meta-parameters.
-        target: ``(T, n_query)`` labels or ``(T, n_query, out)`` targets.
-        loss: task loss name.
-        batch_size: ``B``, the number of tasks of the whole batch (not of the chunk).
-    """
-    (task_losses(pred, target, loss).sum() / batch_size).backward()
-    return query_stats(pred, target, loss)
-
-
-# --------------------------------------------------------------------------- base classes
 class WholeNetworkLearner(ChunkedLearner):
     """Base of the methods that adapt every parameter of ``model`` that requires grad.
 
@@ -146,70 +118,3 @@ class WholeNetworkLearner(ChunkedLearner):
     def _chunk_predict(self, chunk: TaskBatch) -> Tensor:
         phi = self.adapt(chunk.support_x, chunk.support_y)
         return batched_forward(self.model, phi, chunk.query_x)
-
-
-class HeadUnrolledLearner(HeadLearner):
-    r"""Base of ANIL and ITD-BiO: head-only inner loop, differentiated through its ``K`` steps.
-
-    The lower level is :class:`~mrmeta.algorithms._head.HeadLearner`'s. Support and query
-    features are computed once per task, in the graph of the backbone; the ``K`` steps are kept
-    in the graph (``create_graph`` unless ``first_order``) and the meta-gradient
-    ``∇_{θ, φ⁰} (1/B) Σ_t L(head_{φ^K}(Z_q), y_q)`` is back-propagated through them into the
-    backbone (memory linear in ``K`` on the head's tensors only).
-
-    Args:
-        backbone, head, inner_steps, inner_lr, loss, chunk_size, l2, learn_head_init: see
-            :class:`~mrmeta.algorithms._head.HeadLearner`.
-        first_order: treat the inner gradients as constants.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        *,
-        inner_steps: int,
-        inner_lr: float | Literal["auto"],
-        loss: str,
-        chunk_size: int | None,
-        first_order: bool,
-        learn_head_init: bool,
-        l2: float,
-    ) -> None:
-        super().__init__(
-            backbone,
-            head,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            loss=loss,
-            chunk_size=chunk_size,
-            l2=l2,
-            learn_head_init=learn_head_init,
-        )
-        self.first_order = bool(first_order)
-
-    def _differentiable_start(self, tasks: int) -> TensorDict:
-        """``φ⁰`` per task ``(T, *shape)``: in the graph of the head when learned, else a fresh
-        leaf (the unrolled steps differentiate with respect to it)."""
-        if self.learn_head_init:
-            return per_task(dict(self.head.named_parameters()), tasks)
-        return {k: v.clone().requires_grad_(True) for k, v in self.head_start(tasks).items()}
-
-    def _chunk_meta_gradient(
-        self, chunk: TaskBatch, batch_size: int, offset: int = 0
-    ) -> ChunkStats:
-        zs = task_features(self.backbone, chunk.support_x)
-        zq = task_features(self.backbone, chunk.query_x)
-        center = self.l2_center(chunk.num_tasks)
-        phi = unrolled_gradient_descent(
-            lambda p: self.lower_objective(zs, chunk.support_y, p, center),
-            self._differentiable_start(chunk.num_tasks),
-            steps=self.inner_steps,
-            lr=self.step_size(zs),
-            first_order=self.first_order,
-        )
-        pred = batched_head_forward(self.head, phi, zq)
-        stats = backward_query_loss(pred, chunk.query_y, self.loss, batch_size)
-        inner_grad = self.lower_gradient(zs.detach(), chunk.support_y, tree_detach(phi), center)
-        stats["inner_grad_norm"] = tree_norm(inner_grad, batched=True).mean()
-        return stats

@@ -1,0 +1,710 @@
+r"""The lower level of the head-only methods: the head problem, its derivatives and its solvers.
+
+For task ``t`` of a chunk with support features ``Z (n, d)``, support labels ``y``, head
+parameters ``φ``, a centre ``c`` and ``μ ≥ 0``::
+
+    g_t(φ) = L(head_φ(Z), y) + μ/2 ‖φ − c‖²        (lower level, strongly convex when μ > 0)
+    f_t(φ) = L(head_φ(Z_q), y_q)                    (upper level)
+
+with ``L`` the mean cross-entropy or the mean squared error. A :class:`HeadProblem` holds the
+support side of a chunk of ``T`` tasks and answers every question the methods ask of it:
+
+* :meth:`~HeadProblem.objective` ``g_t(φ_t)`` and :meth:`~HeadProblem.gradient` ``∇_φ g_t``;
+* :meth:`~HeadProblem.curvature` at a point, a :class:`Curvature` with ``∇²_φ g · v``
+  (``hvp``), the mixed product ``∂/∂(Z, c) ⟨∇_φ g, v⟩`` (``mixed_vjp``) and a solve with
+  ``∇²_φ g`` (``solve``);
+* :meth:`~HeadProblem.outer_gradient` ``(∇_{Z_q} f_t, ∇_φ f_t)``.
+
+Two implementations, chosen by :func:`head_problem`: :class:`LinearHeadProblem` (an
+``nn.Linear`` head with a bias: closed forms, a handful of batched matrix products) and
+:class:`AutogradHeadProblem` (any head, by autograd through ``torch.func``).
+
+Solvers of the lower level, chosen by :func:`solve_lower_level`: :func:`newton_solve` (exact
+Newton directions with a backtracking line search, stopping on ``‖∇_φ g‖ ≤ tol``; the default)
+and :func:`gradient_steps` (``K`` plain steps, the paper's configuration). Both report what they
+did in a :class:`SolveReport`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrmeta._per_task import batched_head_forward, check_loss_name, task_losses
+from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_norm, tree_where
+from mrmeta._validation import check_finite_number, check_positive_int
+from mrmeta.implicit import conjugate_gradient
+
+SOLVERS = ("newton", "gd")
+Solver = Literal["newton", "gd"]
+
+
+# --------------------------------------------------------------------------- small blocks
+def l2_penalty(params: Mapping[str, Tensor], center: Mapping[str, Tensor], l2: float) -> Tensor:
+    """``μ/2 · ‖φ_t − c_t‖²`` per task, ``(T,)``."""
+    total = sum((params[k] - center[k]).pow(2).reshape(len(params[k]), -1).sum(1) for k in params)
+    return 0.5 * l2 * total
+
+
+def linear_head_lipschitz(features: Tensor, loss: str, out_dim: int, l2: float) -> Tensor:
+    """Upper bound ``L_t`` on the curvature of each task's lower level for a linear head.
+
+    With ``A = [Z, 1]`` (``n × (d+1)``) the Hessian of the mean loss in ``(W, b)`` is bounded by
+    ``c · ‖A‖₂² / n``, ``c = ½`` for softmax cross-entropy (``diag p − ppᵀ ⪯ ½ I``) and
+    ``c = 2 / out_dim`` for the mean squared error; the L2 term adds ``μ``. Gradient descent with
+    step ``1/L_t`` converges.
+
+    Args:
+        features: ``(T, n, d)`` support features (detached).
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        out_dim: head outputs ``C``.
+        l2: ``μ``.
+
+    Returns:
+        ``(T,)``.
+    """
+    spectral_sq = torch.linalg.matrix_norm(_with_ones(features), ord=2).pow(2)
+    c = 0.5 if loss == "cross_entropy" else 2.0 / out_dim
+    return c * spectral_sq / features.shape[1] + l2
+
+
+def _with_ones(features: Tensor) -> Tensor:
+    """``Z̃ = [Z, 1]``: ``(T, n, d)`` → ``(T, n, d + 1)``."""
+    ones = torch.ones(*features.shape[:-1], 1, dtype=features.dtype, device=features.device)
+    return torch.cat([features, ones], dim=-1)
+
+
+def check_inner_lr(inner_lr: object, head: nn.Module) -> float | str:
+    """``"auto"`` (linear heads only) or a finite positive number."""
+    if inner_lr == "auto":
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                "inner_lr='auto' needs an nn.Linear head (its curvature bound is known); "
+                f"got {type(head).__name__}: pass a number for inner_lr"
+            )
+        return "auto"
+    return check_finite_number("inner_lr", inner_lr, positive=True)
+
+
+def check_solver(solver: object, l2: float) -> Solver:
+    """``solver`` if it is ``"newton"`` or ``"gd"``; Newton needs ``μ > 0``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"inner_solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
+    if solver == "newton" and l2 <= 0:
+        raise ValueError(
+            "inner_solver='newton' needs a strongly convex lower level: set l2 > 0 "
+            "(e.g. 0.01), or use inner_solver='gd'"
+        )
+    return solver  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the losses
+class _LogitLoss(ABC):
+    """A task loss ``L(U, y)`` of the logits ``U (T, n, C)``: its value and derivatives in ``U``.
+
+    ``state`` is what the second derivative needs at ``U`` (the softmax for cross-entropy)."""
+
+    @abstractmethod
+    def value(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``L`` per task, ``(T,)``."""
+
+    @abstractmethod
+    def state(self, logits: Tensor) -> Tensor:
+        """What :meth:`hvp` and :meth:`blocks` need at ``U``."""
+
+    @abstractmethod
+    def residual(self, state: Tensor, labels: Tensor) -> Tensor:
+        """``R = ∂L/∂U``, ``(T, n, C)``."""
+
+    @abstractmethod
+    def hvp(self, state: Tensor, direction: Tensor) -> Tensor:
+        """``∂²L/∂U² · D`` for ``D (T, n, C)``."""
+
+    @abstractmethod
+    def factor(self, state: Tensor) -> Tensor:
+        """A square root ``B (T, n, C, C)`` of the Hessian in ``U``, which is block-diagonal
+        over examples: ``S_j = B_j B_jᵀ``."""
+
+
+class _CrossEntropy(_LogitLoss):
+    r"""Mean softmax cross-entropy: ``R = (P − Y)/n``, ``∂²L/∂U² · D = P ⊙ (D − ⟨P, D⟩)/n``,
+    ``S_j = (diag p_j − p_j p_jᵀ)/n = B_j B_jᵀ`` with ``B_j = (diag √p_j − p_j √p_jᵀ)/√n``
+    (expand: the cross terms give ``−2 p pᵀ`` and the last ``p (√pᵀ√p) pᵀ = p pᵀ``)."""
+
+    def value(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return task_losses(logits, labels, "cross_entropy")
+
+    def state(self, logits: Tensor) -> Tensor:
+        return logits.softmax(-1)
+
+    def residual(self, state: Tensor, labels: Tensor) -> Tensor:
+        onehot = F.one_hot(labels.long(), state.shape[-1]).to(state.dtype)
+        return (state - onehot) / state.shape[1]
+
+    def hvp(self, state: Tensor, direction: Tensor) -> Tensor:
+        centred = direction - (state * direction).sum(-1, keepdim=True)
+        return state * centred / state.shape[1]
+
+    def factor(self, state: Tensor) -> Tensor:
+        root = state.sqrt()
+        outer = state.unsqueeze(-1) * root.unsqueeze(-2)
+        return (torch.diag_embed(root) - outer) / state.shape[1] ** 0.5
+
+
+class _SquaredError(_LogitLoss):
+    r"""Mean squared error over the ``n·C`` entries: ``R = 2(U − Y)/(nC)``,
+    ``∂²L/∂U² · D = 2D/(nC)``, ``S_j = 2I/(nC)``, ``B_j = √(2/(nC)) I``."""
+
+    def value(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return task_losses(logits, labels, "mse")
+
+    def state(self, logits: Tensor) -> Tensor:
+        return logits
+
+    def residual(self, state: Tensor, labels: Tensor) -> Tensor:
+        return 2.0 * (state - labels) / (state.shape[1] * state.shape[2])
+
+    def hvp(self, state: Tensor, direction: Tensor) -> Tensor:
+        return 2.0 * direction / (state.shape[1] * state.shape[2])
+
+    def factor(self, state: Tensor) -> Tensor:
+        n, c = state.shape[1], state.shape[2]
+        eye = torch.eye(c, dtype=state.dtype, device=state.device)
+        return ((2.0 / (n * c)) ** 0.5 * eye).expand(*state.shape[:2], c, c)
+
+
+_LOGIT_LOSSES: dict[str, _LogitLoss] = {"cross_entropy": _CrossEntropy(), "mse": _SquaredError()}
+
+
+# --------------------------------------------------------------------------- the problems
+class Curvature(ABC):
+    """The second-order information of a :class:`HeadProblem` at one point ``φ``."""
+
+    @abstractmethod
+    def hvp(self, v: Mapping[str, Tensor]) -> TensorDict:
+        """``∇²_φ g_t · v_t`` for every task, shaped like ``v``."""
+
+    @abstractmethod
+    def mixed_vjp(self, v: Mapping[str, Tensor]) -> tuple[Tensor, TensorDict]:
+        """``(∂/∂Z ⟨∇_φ g_t, v_t⟩, ∂/∂c ⟨∇_φ g_t, v_t⟩)``: ``(T, n, d)`` and shaped like ``c``."""
+
+    @abstractmethod
+    def solve(self, rhs: Mapping[str, Tensor]) -> TensorDict:
+        """``[∇²_φ g_t]⁻¹ rhs_t`` for every task (exact for linear heads, CG otherwise)."""
+
+
+class HeadProblem(ABC):
+    """The lower level of a chunk of ``T`` tasks (see the module docstring).
+
+    Args:
+        features: ``(T, n, d)`` support features, detached.
+        labels: ``(T, n)`` class indices, or ``(T, n, C)`` regression targets.
+        center: ``c``, shaped like ``φ`` (``(T, *param_shape)`` per name).
+        l2: ``μ ≥ 0``.
+        loss: ``"cross_entropy"`` or ``"mse"``.
+    """
+
+    def __init__(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        center: Mapping[str, Tensor],
+        l2: float,
+        loss: str,
+    ) -> None:
+        self.features, self.labels = features, labels
+        self.center, self.l2, self.loss = dict(center), float(l2), check_loss_name(loss)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.features.shape[0]
+
+    @abstractmethod
+    def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
+        """``g_t(φ_t)`` per task, ``(T,)``."""
+
+    @abstractmethod
+    def gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
+        """``∇_φ g_t(φ_t)`` per task, shaped like ``phi``."""
+
+    @abstractmethod
+    def curvature(self, phi: Mapping[str, Tensor]) -> Curvature:
+        """Second-order information at ``φ``."""
+
+    @abstractmethod
+    def outer_gradient(
+        self, phi: Mapping[str, Tensor], query: Tensor, query_labels: Tensor
+    ) -> tuple[Tensor, TensorDict]:
+        """For ``f_t = L(head_φ(Z_q), y_q)``: ``(∇_{Z_q} f_t (T, m, d), ∇_φ f_t)``."""
+
+    @abstractmethod
+    def step_size(self) -> Tensor:
+        """``1/L_t`` per task ``(T,)`` from a curvature bound (linear heads only)."""
+
+    def penalty_gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
+        """``μ (φ − c)``, the L2 term's gradient."""
+        return {k: self.l2 * (phi[k] - self.center[k]) for k in phi}
+
+
+class LinearHeadProblem(HeadProblem):
+    r"""Closed forms for a linear head ``U = Z Wᵀ + b`` (``W (C, d)``, ``b (C,)``).
+
+    With ``R = ∂L/∂U``, the per-example Hessian blocks ``S_j`` of ``L`` in ``U``,
+    ``D = Z V_Wᵀ + V_b`` the logits' direction along ``v``::
+
+        ∇_W g = Rᵀ Z + μ (W − c_W),     ∇_b g = Σ_j R_j + μ (b − c_b)
+        ∇²_φ g · v = (Ĥ(D)ᵀ Z + μ V_W,  Σ_j Ĥ(D)_j + μ V_b),   Ĥ(D)_j = S_j D_j
+        ∂/∂Z ⟨∇_φ g, v⟩ = R V_W + Ĥ(D) W,     ∂/∂c ⟨∇_φ g, v⟩ = −μ v
+
+    ``∇²_φ g = Jᵀ S J + μ I`` with ``J`` the map from ``Θ = [W, b]`` to the logits: μI plus a term
+    of rank ≤ n·C. :meth:`Curvature.solve` uses that (Woodbury, see :class:`_LinearCurvature`).
+    """
+
+    def __init__(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        center: Mapping[str, Tensor],
+        l2: float,
+        loss: str,
+    ) -> None:
+        super().__init__(features, labels, center, l2, loss)
+        self.logit_loss = _LOGIT_LOSSES[self.loss]
+        self._gram: tuple[Tensor, Tensor] | None = None
+
+    def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
+        value = self.logit_loss.value(linear_logits(self.features, phi), self.labels)
+        return value + l2_penalty(phi, self.center, self.l2) if self.l2 > 0 else value
+
+    def gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
+        state = self.logit_loss.state(linear_logits(self.features, phi))
+        grad = pull_back(self.features, self.logit_loss.residual(state, self.labels))
+        if self.l2 > 0:
+            grad = tree_axpy(1.0, self.penalty_gradient(phi), grad)
+        return grad
+
+    def curvature(self, phi: Mapping[str, Tensor]) -> _LinearCurvature:
+        state = self.logit_loss.state(linear_logits(self.features, phi))
+        return _LinearCurvature(self, dict(phi), state)
+
+    def outer_gradient(
+        self, phi: Mapping[str, Tensor], query: Tensor, query_labels: Tensor
+    ) -> tuple[Tensor, TensorDict]:
+        state = self.logit_loss.state(linear_logits(query, phi))
+        residual = self.logit_loss.residual(state, query_labels)
+        return torch.bmm(residual, phi["weight"]), pull_back(query, residual)
+
+    def logit_gram(self) -> tuple[Tensor, Tensor]:
+        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in float32 ``(T, nC, nC)``, computed once."""
+        if self._gram is None:
+            features = _with_ones(self.features)
+            gram = torch.bmm(features, features.transpose(1, 2))
+            c = self.center["weight"].shape[1]
+            weights = gram.float().repeat_interleave(c, 1).repeat_interleave(c, 2)
+            self._gram = (gram, weights)
+        return self._gram
+
+    def step_size(self) -> Tensor:
+        out_dim = self.center["weight"].shape[1]
+        return 1.0 / linear_head_lipschitz(self.features, self.loss, out_dim, self.l2)
+
+
+def linear_logits(features: Tensor, phi: Mapping[str, Tensor]) -> Tensor:
+    """``Z Wᵀ + b``: ``(T, n, d)`` → ``(T, n, C)`` (linear in ``φ``: also ``D`` along ``v``)."""
+    return torch.baddbmm(phi["bias"].unsqueeze(1), features, phi["weight"].transpose(1, 2))
+
+
+def pull_back(features: Tensor, logit_grad: Tensor) -> TensorDict:
+    """``(Gᵀ Z, Σ_j G_j)``: a gradient ``G (T, n, C)`` in the logits carried to ``(W, b)``."""
+    return {"weight": torch.bmm(logit_grad.transpose(1, 2), features), "bias": logit_grad.sum(1)}
+
+
+@dataclass(frozen=True)
+class _LinearCurvature(Curvature):
+    r"""Curvature of a :class:`LinearHeadProblem` at ``φ``; ``state`` is the loss's state at the
+    support logits (the softmax for cross-entropy).
+
+    :meth:`solve` applies ``H⁻¹ = (Jᵀ S J + μ I)⁻¹`` exactly, in whichever space is smaller.
+    With ``S = B Bᵀ`` (:meth:`_LogitLoss.factor`), ``Z̃ = [Z, 1]`` and ``G̃ = Z̃ Z̃ᵀ`` (so that
+    ``J Jᵀ = G̃ ⊗ I_C``), when ``n ≤ d + 1`` it uses Woodbury's identity with ``U = Jᵀ B`` in the
+    ``n·C``-dimensional logit space::
+
+        H⁻¹ r = (r − Jᵀ B y) / μ,     (μ I + Bᵀ (G̃ ⊗ I_C) B) y = Bᵀ J r,
+        [Bᵀ (G̃ ⊗ I_C) B]_{(j,a),(k,b)} = G̃_jk (B_jᵀ B_k)_{ab}
+
+    (``n·C = 25`` at 5-way 1-shot, 400 at 20-way 1-shot), else it forms the ``C(d+1)``-square
+    ``H = Σ_j S_j ⊗ z̃_j z̃_jᵀ + μ I``. Either system is symmetric positive definite (its
+    eigenvalues are ``≥ μ``) and is solved by :func:`_spd_solve`.
+    """
+
+    problem: LinearHeadProblem
+    phi: TensorDict
+    state: Tensor
+
+    def _logit_hvp(self, v: Mapping[str, Tensor]) -> Tensor:
+        return self.problem.logit_loss.hvp(self.state, linear_logits(self.problem.features, v))
+
+    def hvp(self, v: Mapping[str, Tensor]) -> TensorDict:
+        out = pull_back(self.problem.features, self._logit_hvp(v))
+        return tree_axpy(self.problem.l2, v, out) if self.problem.l2 > 0 else out
+
+    def mixed_vjp(self, v: Mapping[str, Tensor]) -> tuple[Tensor, TensorDict]:
+        residual = self.problem.logit_loss.residual(self.state, self.problem.labels)
+        wrt_features = torch.bmm(residual, v["weight"]) + torch.bmm(
+            self._logit_hvp(v), self.phi["weight"]
+        )
+        return wrt_features, {k: -self.problem.l2 * t for k, t in v.items()}
+
+    def solve(self, rhs: Mapping[str, Tensor]) -> TensorDict:
+        features = _with_ones(self.problem.features)
+        factor = self.problem.logit_loss.factor(self.state)
+        stacked = torch.cat([rhs["weight"], rhs["bias"].unsqueeze(-1)], -1)
+        n, d1 = features.shape[1:]
+        if n <= d1:
+            gram, weights = self.problem.logit_gram()
+            x = _woodbury_solve(features, gram, weights, factor, self.problem.l2, stacked)
+        else:
+            x = _dense_solve(features, factor, self.problem.l2, stacked)
+        return {"weight": x[..., :-1], "bias": x[..., -1]}
+
+
+def _woodbury_solve(
+    features: Tensor, gram: Tensor, weights: Tensor, factor: Tensor, l2: float, rhs: Tensor
+) -> Tensor:
+    """``(Jᵀ B Bᵀ J + μ I)⁻¹ r`` through the ``n·C`` logit space: ``Z̃ (T, n, d+1)``, its Gram
+    matrix ``G̃ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in float32 ``(T, nC, nC)`` (fixed for the problem),
+    ``B (T, n, C, C)``, ``r (T, C, d+1)`` → ``(T, C, d+1)``.
+
+    The system matrix is one product ``X Xᵀ`` with ``X_{(j,a),c} = B_{j,ca}``, times ``G̃_jk``
+    entrywise; it is solved by :func:`_spd_solve` against the same operator applied matrix-free
+    (``y ↦ μ y + Bᵀ (G̃ (B y))``, in the input's precision)."""
+    tasks, n, c = factor.shape[:3]
+
+    def operator(y: Tensor) -> Tensor:  # (T, n·C) -> (T, n·C)
+        b_y = torch.einsum("tjca,tja->tjc", factor, y.view(tasks, n, c))
+        mixed = torch.einsum("tjca,tjc->tja", factor, torch.bmm(gram, b_y))
+        return l2 * y + mixed.reshape(tasks, n * c)
+
+    x = factor.transpose(2, 3).reshape(tasks, n * c, c).float()
+    system = torch.bmm(x, x.transpose(1, 2)).mul_(weights)
+    j_r = torch.bmm(features, rhs.transpose(1, 2))  # (T, n, C): the logits' direction J r
+    bt_j_r = torch.einsum("tjca,tjc->tja", factor, j_r).reshape(tasks, n * c)
+    y = _spd_solve(system, l2, operator, bt_j_r).view(tasks, n, c)
+    b_y = torch.einsum("tjca,tja->tjc", factor, y)
+    return (rhs - torch.bmm(b_y.transpose(1, 2), features)) / l2
+
+
+def _dense_solve(features: Tensor, factor: Tensor, l2: float, rhs: Tensor) -> Tensor:
+    """``(Σ_j B_j B_jᵀ ⊗ z̃_j z̃_jᵀ + μ I)⁻¹ r`` with the Hessian formed: same shapes as
+    :func:`_woodbury_solve`."""
+    tasks, c, d1 = rhs.shape
+    blocks = torch.matmul(factor, factor.transpose(-1, -2))
+    hessian = torch.einsum("tjab,tjx,tjy->taxby", blocks, features, features)
+    hessian = hessian.reshape(tasks, c * d1, c * d1)
+
+    def operator(x: Tensor) -> Tensor:
+        return l2 * x + torch.bmm(hessian, x.unsqueeze(-1)).squeeze(-1)
+
+    return _spd_solve(hessian, l2, operator, rhs.reshape(tasks, c * d1)).view(tasks, c, d1)
+
+
+def _spd_solve(
+    matrix: Tensor, shift: float, operator: Callable[[Tensor], Tensor], rhs: Tensor
+) -> Tensor:
+    """``(A + shift·I)⁻¹ b`` for symmetric positive definite ``A + shift·I``: ``A (T, m, m)``,
+    ``b (T, m)`` → ``(T, m)``; ``operator`` applies ``A + shift·I`` in ``b``'s precision.
+
+    A Cholesky factorisation in float32 (the expensive part, ``m³/3``) and one step of
+    iterative refinement with the residual from ``operator``: the float32 solve's relative
+    error, about ``cond · 6e-8``, is squared, so a float64 system keeps close to float64
+    accuracy for ``cond ≲ 10⁵`` at float32 cost (Newton only needs a good direction)."""
+    m = matrix.shape[-1]
+    shifted = matrix.float() + shift * torch.eye(m, dtype=torch.float32, device=matrix.device)
+    chol = torch.linalg.cholesky(shifted)
+
+    def rough(b: Tensor) -> Tensor:
+        return torch.cholesky_solve(b.float().unsqueeze(-1), chol).squeeze(-1).to(rhs.dtype)
+
+    x = rough(rhs)
+    return x + rough(rhs - operator(x))
+
+
+class AutogradHeadProblem(HeadProblem):
+    """Any head, by autograd: ``head`` applied with per-task parameters through ``torch.func``.
+
+    Its :meth:`Curvature.solve` runs conjugate gradient on the Hessian-vector products (Newton-CG
+    when used by :func:`newton_solve`); it has no curvature bound, so :meth:`step_size` refuses.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        labels: Tensor,
+        center: Mapping[str, Tensor],
+        l2: float,
+        loss: str,
+    ) -> None:
+        super().__init__(features, labels, center, l2, loss)
+        self.head = head
+
+    def _objective_of(
+        self, features: Tensor, phi: Mapping[str, Tensor], center: TensorDict
+    ) -> Tensor:
+        pred = batched_head_forward(self.head, dict(phi), features)
+        value = task_losses(pred, self.labels, self.loss)
+        return value + l2_penalty(phi, center, self.l2) if self.l2 > 0 else value
+
+    def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
+        return self._objective_of(self.features, phi, self.center)
+
+    def gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
+        with torch.enable_grad():
+            leaves = _leaves(phi)
+            grads = torch.autograd.grad(self.objective(leaves).sum(), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True))
+
+    def curvature(self, phi: Mapping[str, Tensor]) -> _AutogradCurvature:
+        with torch.enable_grad():
+            features = self.features.detach().requires_grad_(True)
+            phi_l, center_l = _leaves(phi), _leaves(self.center)
+            total = self._objective_of(features, phi_l, center_l).sum()
+            grads = torch.autograd.grad(total, list(phi_l.values()), create_graph=True)
+        return _AutogradCurvature(dict(zip(phi_l, grads, strict=True)), phi_l, features, center_l)
+
+    def outer_gradient(
+        self, phi: Mapping[str, Tensor], query: Tensor, query_labels: Tensor
+    ) -> tuple[Tensor, TensorDict]:
+        with torch.enable_grad():
+            query_l, phi_l = query.detach().requires_grad_(True), _leaves(phi)
+            pred = batched_head_forward(self.head, phi_l, query_l)
+            total = task_losses(pred, query_labels, self.loss).sum()
+            grads = torch.autograd.grad(total, [query_l, *phi_l.values()])
+        return grads[0], dict(zip(phi_l, grads[1:], strict=True))
+
+    def step_size(self) -> Tensor:
+        raise ValueError(
+            f"inner_lr='auto' needs an nn.Linear head; got {type(self.head).__name__}: "
+            "pass a number for inner_lr, or use inner_solver='newton'"
+        )
+
+
+def _leaves(tensors: Mapping[str, Tensor]) -> TensorDict:
+    return {k: t.detach().requires_grad_(True) for k, t in tensors.items()}
+
+
+@dataclass(frozen=True)
+class _AutogradCurvature(Curvature):
+    """Curvature by autograd through one graph of ``∇_φ g`` built at ``φ`` (``create_graph``)."""
+
+    grad_phi: TensorDict
+    phi: TensorDict
+    features: Tensor
+    center: TensorDict
+
+    def _vjp(self, inputs: list[Tensor], v: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        keys = list(self.grad_phi)
+        grads = torch.autograd.grad(
+            [self.grad_phi[k] for k in keys],
+            inputs,
+            grad_outputs=[v[k] for k in keys],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return tuple(
+            torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)
+        )
+
+    def hvp(self, v: Mapping[str, Tensor]) -> TensorDict:
+        return dict(zip(self.phi, self._vjp(list(self.phi.values()), v), strict=True))
+
+    def mixed_vjp(self, v: Mapping[str, Tensor]) -> tuple[Tensor, TensorDict]:
+        grads = self._vjp([self.features, *self.center.values()], v)
+        return grads[0], dict(zip(self.center, grads[1:], strict=True))
+
+    def solve(self, rhs: Mapping[str, Tensor]) -> TensorDict:
+        size = sum(t[0].numel() for t in rhs.values())
+        scale = float(tree_norm(rhs, batched=True).min())
+        result = conjugate_gradient(self.hvp, rhs, iters=size, tol=1e-3 * scale, batched=True)
+        return {k: t.detach() for k, t in result.solution.items()}
+
+
+def head_problem(
+    head: nn.Module,
+    features: Tensor,
+    labels: Tensor,
+    center: Mapping[str, Tensor],
+    *,
+    l2: float,
+    loss: str,
+) -> HeadProblem:
+    """The :class:`HeadProblem` for ``head``: closed forms for an ``nn.Linear`` with a bias,
+    autograd for anything else. ``features (T, n, d)`` are detached here."""
+    features = features.detach()
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        return LinearHeadProblem(features, labels, center, l2, loss)
+    return AutogradHeadProblem(head, features, labels, center, l2, loss)
+
+
+# --------------------------------------------------------------------------- the solvers
+@dataclass(frozen=True)
+class SolveReport:
+    """What a lower-level solver did, per task.
+
+    Attributes:
+        iterations: ``(T,)`` int64: Newton iterations (or gradient steps) each task used.
+        grad_norm: ``(T,)`` final ``‖∇_φ g_t‖`` in the solver's precision.
+        converged: ``(T,)`` bool: ``grad_norm ≤ tol`` (always ``False`` for ``tol = 0``).
+    """
+
+    iterations: Tensor
+    grad_norm: Tensor
+    converged: Tensor
+
+
+def gradient_steps(
+    grad_fn: Callable[[TensorDict], Mapping[str, Tensor]],
+    phi0: Mapping[str, Tensor],
+    *,
+    steps: int,
+    lr: Tensor | float,
+) -> TensorDict:
+    """``steps`` steps ``φ^{k+1} = φ^k − λ · grad_fn(φ^k)`` kept without a graph.
+
+    Args:
+        grad_fn: ``φ ↦ ∇_φ g(φ)``, shaped like ``φ``.
+        phi0: starting point ``φ⁰`` (detached here).
+        steps: ``K ≥ 0``.
+        lr: a float, or ``(T,)`` per task (the first dimension of every tensor of ``φ``).
+    """
+    phi = {k: v.detach() for k, v in phi0.items()}
+    for _ in range(steps):
+        grads = grad_fn(phi)
+        phi = tree_axpy(-lr, grads, phi, batched=True)
+    return phi
+
+
+def newton_solve(
+    problem: HeadProblem,
+    phi0: Mapping[str, Tensor],
+    *,
+    tol: float,
+    max_iters: int,
+) -> tuple[TensorDict, SolveReport]:
+    r"""Minimise every task's ``g_t`` by Newton's method with a backtracking line search.
+
+    ``Δ = −[∇²_φ g]⁻¹ ∇_φ g`` from :meth:`Curvature.solve`, then the largest ``s ∈ {1, ½, ¼, …}``
+    with ``g(φ + sΔ) ≤ g(φ) + 10⁻⁴ s ⟨∇g, Δ⟩`` (up to rounding), per task; a task stops once
+    ``‖∇_φ g_t‖ ≤ tol``. On a μ-strongly convex ``g`` with Lipschitz Hessian this converges from
+    any start, quadratically near ``φ*``. A task whose line search finds no decrease keeps its
+    iterate (and reports ``converged = False``).
+
+    Args:
+        problem: the chunk's lower level (μ > 0).
+        phi0: the start, ``(T, *param_shape)`` per name.
+        tol: stop once ``‖∇_φ g_t‖ ≤ tol`` for every task.
+        max_iters: the cap on Newton iterations (``K``).
+
+    Returns:
+        ``(φ, report)``.
+    """
+    phi = {k: v.detach() for k, v in phi0.items()}
+    value, grad = problem.objective(phi), problem.gradient(phi)
+    norm = tree_norm(grad, batched=True)
+    iterations = torch.zeros(problem.num_tasks, dtype=torch.int64, device=norm.device)
+    for _ in range(max_iters):
+        active = norm > tol
+        if not bool(active.any()):
+            break
+        direction = problem.curvature(phi).solve({k: -g for k, g in grad.items()})
+        phi, value = _backtrack(problem, phi, value, grad, direction, active)
+        grad = problem.gradient(phi)
+        norm = torch.where(active, tree_norm(grad, batched=True), norm)
+        iterations += active.to(iterations.dtype)
+    return phi, SolveReport(iterations, norm, norm <= tol)
+
+
+def _backtrack(
+    problem: HeadProblem,
+    phi: TensorDict,
+    value: Tensor,
+    grad: TensorDict,
+    direction: TensorDict,
+    active: Tensor,
+    *,
+    halvings: int = 30,
+) -> tuple[TensorDict, Tensor]:
+    """Armijo backtracking per task from ``s = 1``; inactive tasks keep ``φ``. The comparison
+    allows rounding error of ``g`` (so that steps near ``φ*`` are not refused for noise)."""
+    slope = tree_dot(grad, direction, batched=True)
+    slack = 64 * torch.finfo(value.dtype).eps * value.abs().clamp_min(1.0)
+    step = torch.ones_like(value)
+    pending = active.clone()
+    for _ in range(halvings):
+        trial = tree_axpy(step, direction, phi, batched=True)
+        trial_value = problem.objective(trial)
+        ok = pending & (trial_value <= value + 1e-4 * step * slope + slack)
+        phi = tree_where(ok, trial, phi, batched=True)
+        value = torch.where(ok, trial_value, value)
+        pending = pending & ~ok
+        if not bool(pending.any()):
+            break
+        step = torch.where(pending, 0.5 * step, step)
+    return phi, value
+
+
+def solve_lower_level(
+    problem: HeadProblem,
+    phi0: Mapping[str, Tensor],
+    *,
+    solver: Solver,
+    max_iters: int,
+    tol: float,
+    lr: float | Literal["auto"],
+) -> tuple[TensorDict, SolveReport]:
+    """Solve the chunk's lower level with ``solver`` and report how it went.
+
+    * ``"newton"``: :func:`newton_solve` with ``tol`` and the cap ``max_iters``, in float64 when
+      the problem is in a lower precision (the head problem is small; the result is cast back).
+    * ``"gd"``: ``max_iters`` plain steps of ``lr`` (``"auto"``: ``1/L_t`` per task), the
+      paper's lower level.
+
+    Args:
+        problem: the chunk's lower level.
+        phi0: the start, ``(T, *param_shape)`` per name.
+        solver: ``"newton"`` or ``"gd"``.
+        max_iters: ``K``: Newton's cap, or the number of gradient steps.
+        tol: Newton's tolerance on ``‖∇_φ g_t‖`` (the report uses it for ``gd`` too).
+        lr: the gradient step (``"gd"`` only).
+    """
+    check_positive_int("max_iters", max_iters, minimum=0)
+    if solver == "newton":
+        wide = _in_float64(problem)
+        phi, report = newton_solve(wide, _cast(phi0, torch.float64), tol=tol, max_iters=max_iters)
+        return _cast(phi, problem.features.dtype), report
+    step: Tensor | float = problem.step_size() if lr == "auto" else float(lr)
+    phi = gradient_steps(problem.gradient, phi0, steps=max_iters, lr=step)
+    norm = tree_norm(problem.gradient(phi), batched=True)
+    iterations = torch.full_like(norm, max_iters, dtype=torch.int64)
+    return phi, SolveReport(iterations, norm, norm <= tol)
+
+
+def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> TensorDict:
+    return {k: t.detach().to(dtype) for k, t in tensors.items()}
+
+
+def _in_float64(problem: HeadProblem) -> HeadProblem:
+    """The same problem with its floating tensors in float64 (itself if already there)."""
+    if problem.features.dtype == torch.float64:
+        return problem
+    labels = problem.labels.double() if problem.labels.is_floating_point() else problem.labels
+    args = (problem.features.double(), labels, _cast(problem.center, torch.float64))
+    if isinstance(problem, AutogradHeadProblem):  # parameters come from φ: the module is kept
+        return AutogradHeadProblem(problem.head, *args, problem.l2, problem.loss)
+    return type(problem)(*args, problem.l2, problem.loss)
