@@ -1,0 +1,221 @@
+"""The lower level (mrmeta.lower_level) and head_hypergradient against dense references, float64.
+
+References written here: the minimiser φ* by dense Newton steps on the flattened head with
+torch.func.hessian (iterated to ‖∇g‖ < 1e-13); the hypergradient with respect to the features
+by the implicit function theorem with dense matrices —
+``∂F/∂Z_s = −(∂²g/∂Z_s∂φ) H⁻¹ ∇_φ f``, ``∂F/∂Z_q = ∇_{Z_q} f`` — at that φ*.
+
+Shapes cover 5-way and 20-way, 1-shot and 5-shot, cross-entropy and squared loss, the
+closed-form head (both its Woodbury and its dense solve: ``n ≤ d + 1`` or not) and the autograd
+head (Newton-CG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, hessian, jacrev
+
+from mrmeta.implicit import head_hypergradient
+from mrmeta.lower_level import (
+    AutogradHeadProblem,
+    LinearHeadProblem,
+    head_problem,
+    newton_solve,
+    solve_lower_level,
+)
+
+F64 = torch.float64
+L2 = 0.05
+PHI_TOL = 1e-8  # the solver's φ against the reference minimiser (max abs entry)
+GRAD_TOL = 1e-7  # hypergradients, relative to their norm
+
+# (ways, shots, feature dim): n = ways·shots against d + 1 picks the Woodbury or the dense solve.
+SHAPES = [
+    pytest.param(5, 1, 16, id="5w1s-woodbury"),
+    pytest.param(5, 5, 32, id="5w5s-woodbury"),
+    pytest.param(5, 5, 12, id="5w5s-dense"),
+    pytest.param(20, 1, 24, id="20w1s-woodbury"),
+    pytest.param(20, 5, 6, id="20w5s-dense"),
+]
+
+
+def _task(ways: int, shots: int, dim: int, loss: str, seed: int = 0) -> tuple[Tensor, ...]:
+    """Support and query features ``(1, n, d)`` (scaled like real features) and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    n = ways * shots
+    zs = 3 * torch.randn(1, n, dim, generator=gen, dtype=F64)
+    zq = 3 * torch.randn(1, 2 * n, dim, generator=gen, dtype=F64)
+    if loss == "cross_entropy":
+        ys = torch.arange(n).remainder(ways).view(1, n)
+        yq = torch.arange(2 * n).remainder(ways).view(1, 2 * n)
+    else:
+        ys = torch.randn(1, n, ways, generator=gen, dtype=F64)
+        yq = torch.randn(1, 2 * n, ways, generator=gen, dtype=F64)
+    return zs, ys, zq, yq
+
+
+def _loss(logits: Tensor, target: Tensor, loss: str) -> Tensor:
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, target)
+    return F.mse_loss(logits, target)
+
+
+def _unflatten(x: Tensor, ways: int, dim: int) -> tuple[Tensor, Tensor]:
+    return x[: ways * dim].view(ways, dim), x[ways * dim :]
+
+
+def _lower(zs: Tensor, ys: Tensor, loss: str, ways: int) -> Callable[[Tensor], Tensor]:
+    """``g(x) = L(Z W(x)ᵀ + b(x), y) + μ/2 ‖x‖²`` on the flat head ``x``."""
+    dim = zs.shape[-1]
+
+    def g(x: Tensor) -> Tensor:
+        w, b = _unflatten(x, ways, dim)
+        return _loss(zs @ w.T + b, ys, loss) + 0.5 * L2 * x.pow(2).sum()
+
+    return g
+
+
+def _reference_minimiser(g: Callable[[Tensor], Tensor], size: int) -> Tensor:
+    x = torch.zeros(size, dtype=F64)
+    for _ in range(60):
+        gradient = grad(g)(x)
+        if gradient.norm() < 1e-13:
+            return x
+        step = torch.linalg.solve(hessian(g)(x), gradient)
+        scale = 1.0  # halved while g increases, until close enough for plain Newton
+        while gradient.norm() > 1e-6 and g(x - scale * step) > g(x) and scale > 1e-8:
+            scale /= 2
+        x = x - scale * step
+    assert grad(g)(x).norm() < 1e-11, "the reference Newton did not converge"
+    return x
+
+
+def _problem(kind: str, zs: Tensor, ys: Tensor, ways: int, loss: str):
+    dim = zs.shape[-1]
+    center = {
+        "weight": torch.zeros(1, ways, dim, dtype=F64),
+        "bias": torch.zeros(1, ways, dtype=F64),
+    }
+    if kind == "linear":
+        return LinearHeadProblem(zs, ys, center, L2, loss), center
+    head = nn.Linear(dim, ways).double()  # the autograd path, on the same parameter names
+    return AutogradHeadProblem(head, zs, ys, center, L2, loss), center
+
+
+def _flat(phi: dict[str, Tensor]) -> Tensor:
+    return torch.cat([phi["weight"][0].reshape(-1), phi["bias"][0]])
+
+
+@pytest.mark.parametrize("kind", ["linear", "autograd"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize(("ways", "shots", "dim"), SHAPES)
+def test_newton_reaches_the_reference_minimiser(
+    ways: int, shots: int, dim: int, loss: str, kind: str
+) -> None:
+    zs, ys, _, _ = _task(ways, shots, dim, loss)
+    problem, center = _problem(kind, zs, ys, ways, loss)
+    phi, report = newton_solve(problem, center, tol=1e-11, max_iters=50)
+    want = _reference_minimiser(_lower(zs[0], ys[0], loss, ways), ways * (dim + 1))
+    assert bool(report.converged.all()) and float(report.grad_norm.max()) <= 1e-11
+    assert float((_flat(phi) - want).abs().max()) < PHI_TOL
+    if loss == "mse":  # a quadratic: one Newton step (one more to polish the float32 solve;
+        # Newton-CG's inexact directions a few)
+        assert int(report.iterations.max()) <= (2 if kind == "linear" else 5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "autograd"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize(("ways", "shots", "dim"), SHAPES)
+def test_head_hypergradient_at_the_solution_matches_the_dense_ift_formula(
+    ways: int, shots: int, dim: int, loss: str, kind: str
+) -> None:
+    zs, ys, zq, yq = _task(ways, shots, dim, loss, seed=1)
+    problem, center = _problem(kind, zs, ys, ways, loss)
+    phi, _ = newton_solve(problem, center, tol=1e-11, max_iters=50)
+    size = ways * (dim + 1)
+    result = head_hypergradient(problem, phi, zq, yq, cg_iters=4 * size, tol=1e-13)
+
+    x_star = _reference_minimiser(_lower(zs[0], ys[0], loss, ways), size)
+
+    def outer(x: Tensor, z_query: Tensor) -> Tensor:
+        w, b = _unflatten(x, ways, dim)
+        return _loss(z_query @ w.T + b, yq[0], loss)
+
+    def lower_grad(x: Tensor, z_support: Tensor) -> Tensor:
+        return grad(lambda y: _lower(z_support, ys[0], loss, ways)(y))(x)
+
+    v = torch.linalg.solve(
+        hessian(_lower(zs[0], ys[0], loss, ways))(x_star), grad(outer)(x_star, zq[0])
+    )
+    mixed = jacrev(lower_grad, argnums=1)(x_star, zs[0])  # (size, n, d)
+    want_support = -torch.einsum("p,pnd->nd", v, mixed)
+    want_query = grad(outer, argnums=1)(x_star, zq[0])
+    for got, want in ((result.support[0], want_support), (result.query[0], want_query)):
+        assert float((got - want).norm() / want.norm()) < GRAD_TOL
+    assert float((_flat(result.v) - v).norm() / v.norm()) < GRAD_TOL
+    torch.testing.assert_close(result.center["weight"], L2 * result.v["weight"])
+
+
+def test_newton_cannot_diverge_from_a_far_start() -> None:
+    """From this start a full Newton step overshoots (30 → 586); the line search keeps every
+    iterate's objective at or below the previous one and still converges."""
+    zs, ys, _, _ = _task(5, 1, 16, "cross_entropy")
+    problem, _ = _problem("linear", zs, ys, 5, "cross_entropy")
+    gen = torch.Generator().manual_seed(2)
+    start = {
+        "weight": torch.randn(1, 5, 16, generator=gen, dtype=F64),
+        "bias": torch.randn(1, 5, generator=gen, dtype=F64),
+    }
+    values = [float(problem.objective(start))]
+    for iters in range(1, 40):
+        phi, report = newton_solve(problem, start, tol=1e-10, max_iters=iters)
+        values.append(float(problem.objective(phi)))
+        if bool(report.converged.all()):
+            break
+    assert bool(report.converged.all())
+    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:], strict=False))
+
+
+def test_a_plain_newton_step_would_overshoot_there() -> None:
+    """The far start of the test above is one where the line search matters: the full step
+    increases g (so that test fails if the line search is removed)."""
+    zs, ys, _, _ = _task(5, 1, 16, "cross_entropy")
+    problem, _ = _problem("linear", zs, ys, 5, "cross_entropy")
+    gen = torch.Generator().manual_seed(2)
+    start = {
+        "weight": torch.randn(1, 5, 16, generator=gen, dtype=F64),
+        "bias": torch.randn(1, 5, generator=gen, dtype=F64),
+    }
+    direction = problem.curvature(start).solve({k: -g for k, g in problem.gradient(start).items()})
+    full = {k: start[k] + direction[k] for k in start}
+    assert float(problem.objective(full)) > float(problem.objective(start))
+
+
+def test_solve_lower_level_reports_per_task_and_casts_back() -> None:
+    zs, ys, _, _ = _task(5, 1, 16, "cross_entropy")
+    zs = torch.cat([zs, 0.1 * zs]).float()  # two tasks of different difficulty, float32
+    ys = torch.cat([ys, ys])
+    center = {"weight": torch.zeros(2, 5, 16), "bias": torch.zeros(2, 5)}
+    problem = head_problem(nn.Linear(16, 5), zs, ys, center, l2=L2, loss="cross_entropy")
+    phi, report = solve_lower_level(
+        problem, center, solver="newton", max_iters=50, tol=1e-9, lr="auto"
+    )
+    assert phi["weight"].dtype == torch.float32
+    assert report.iterations.shape == (2,) and bool((report.iterations >= 1).all())
+    assert bool(report.converged.all()) and float(report.grad_norm.max()) <= 1e-9
+    phi_gd, report_gd = solve_lower_level(
+        problem, center, solver="gd", max_iters=7, tol=1e-9, lr="auto"
+    )
+    assert report_gd.iterations.tolist() == [7, 7] and not bool(report_gd.converged.any())
+
+
+def test_newton_refuses_a_lower_level_without_l2() -> None:
+    from mrmeta import MemoryReduced
+
+    with pytest.raises(ValueError, match="l2 > 0"):
+        MemoryReduced(nn.Linear(3, 4), nn.Linear(4, 2), l2=0.0)
