@@ -1,6 +1,6 @@
 """Check the convergence claims of PAPER.md §3 on problems where ∇F is known exactly.
 
-The problems are :mod:`mrmeta.synthetic`'s: a fixed set of ``M`` tasks whose heads are
+The problems are :mod:`mrmeta.testing`'s: a fixed set of ``M`` tasks whose heads are
 multinomial logistic-regression (``logistic``) or ridge-regression (``ridge``) layers on a shared
 feature map ``tanh(X A)``, ``θ = A``; each lower level is ``μ``-strongly convex through its L2
 term; everything is float64. ``∇F(θ)`` is computed exactly (Newton to machine precision, dense
@@ -55,7 +55,7 @@ from torch import Tensor
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mrmeta.synthetic import (  # noqa: E402
+from mrmeta.testing import (  # noqa: E402
     Algorithm1Config,
     SyntheticProblem,
     exact_gradient_descent,
@@ -745,7 +745,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "# Convergence checks of PAPER.md §3 on exact synthetic problems\n",
         f"Command: `{meta['command']}` — {meta['seconds']:.0f} s with {meta['jobs']} worker "
         f"processes on {meta['machine']}. Everything in float64. Source: "
-        "`benchmarks/convergence.py`, problems and reference in `mrmeta.synthetic`.\n",
+        "`benchmarks/convergence.py`, problems and reference in `mrmeta.testing`.\n",
         "## Problems\n",
         *setup_table(results),
         "",

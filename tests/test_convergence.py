@@ -1,5 +1,5 @@
 """Small, fast versions of benchmarks/convergence.py: the convergence claims of PAPER.md §3 on
-synthetic problems whose hypergradient is known exactly (:mod:`mrmeta.synthetic`).
+synthetic problems whose hypergradient is known exactly (:mod:`mrmeta.testing`).
 
 Every margin below was checked against the measured values (quoted next to each assertion);
 all computations are float64 and seeded.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrmeta.synthetic import (
+from mrmeta.testing import (
     Algorithm1Config,
     SyntheticProblem,
     WarmStarts,

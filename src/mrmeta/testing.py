@@ -1,4 +1,5 @@
-"""Synthetic bilevel meta-learning problems whose hypergradient is known exactly.
+"""Testing tools for users: synthetic bilevel meta-learning problems whose hypergradient is
+known exactly, to check an implementation or a setting of Algorithm 1 against the truth.
 
 A fixed, finite set of ``M`` tasks shares a nonlinear feature map with upper-level variable
 ``θ = A`` (``d_in × d``); each task ``i`` has a linear head ``φ_i = (W_i, b_i)`` (``c × d``
@@ -17,10 +18,10 @@ Two independent ways of getting the hypergradient live here:
 * :func:`exact_hypergradient` — the reference: ``φ*`` by damped Newton to machine precision,
   dense Hessians and mixed Jacobians from :mod:`torch.func`, ``torch.linalg.solve``, on a flat
   parameterisation written from scratch (it shares no code with the algorithm);
-* :func:`estimate_hypergradient` — Algorithm 1 (PAPER.md §2) with the library's parts:
-  ``K`` steps of :func:`mrmeta.gradient_descent` at step ``1/L_i`` per task, ``N`` steps of
-  conjugate gradient inside :func:`mrmeta.hypergradient`, warm starts of ``φ`` and ``v`` kept
-  per task in :class:`WarmStarts`.
+* :func:`estimate_hypergradient` — Algorithm 1 (PAPER.md §2) on the product's own path:
+  ``K`` gradient steps at step ``1/L_i`` per task (:func:`mrmeta.lower_level.solve_lower_level`),
+  ``N`` steps of conjugate gradient in :func:`mrmeta.implicit.head_hypergradient`, warm starts
+  of ``φ`` and ``v`` kept per task in :class:`WarmStarts`.
 
 :func:`run_algorithm1` iterates ``θ ← θ − λ_θ ĝ`` on full or sampled task batches and records
 the exact stationarity measure ``‖∇F(θ_t)‖²``; :func:`exact_gradient_descent` is the reference
@@ -49,12 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
-from mrmeta._per_task import task_losses
 from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.implicit import hypergradient
-from mrmeta.inner import gradient_descent
-from mrmeta.lower_level import l2_penalty, linear_head_lipschitz
+from mrmeta.implicit import head_hypergradient
+from mrmeta.lower_level import LinearHeadProblem, linear_head_lipschitz, solve_lower_level
 
 KINDS = {"logistic": "cross_entropy", "ridge": "mse"}
 
@@ -383,32 +382,6 @@ class WarmStarts:
         return cls(zero_heads(problem, problem.num_tasks), zero_heads(problem, problem.num_tasks))
 
 
-def _heads_forward(phi: TensorDict, z: Tensor) -> Tensor:
-    """``(T, n, c)`` predictions of per-task linear heads on ``z (T, n, d)``."""
-    return torch.baddbmm(phi["bias"].unsqueeze(1), z, phi["weight"].transpose(1, 2))
-
-
-def _library_losses(
-    problem: SyntheticProblem, tasks: Tensor
-) -> tuple[Callable[[TensorDict, TensorDict], Tensor], Callable[[TensorDict, TensorDict], Tensor]]:
-    """``(f, g)`` over the selected tasks, summed, as :func:`mrmeta.hypergradient` takes them."""
-    xs, ys = problem.support_x[tasks], problem.support_y[tasks]
-    xq, yq = problem.query_x[tasks], problem.query_y[tasks]
-    zero = zero_heads(problem, len(tasks))
-
-    def outer(theta: TensorDict, phi: TensorDict) -> Tensor:
-        pred = _heads_forward(phi, shared_features(theta["A"], xq))
-        decay = 0.5 * problem.outer_l2 * theta["A"].pow(2).sum()
-        return (task_losses(pred, yq, problem.loss) + decay).sum()
-
-    def inner(theta: TensorDict, phi: TensorDict) -> Tensor:
-        pred = _heads_forward(phi, shared_features(theta["A"], xs))
-        fit = task_losses(pred, ys, problem.loss)
-        return (fit + l2_penalty(phi, zero, problem.l2)).sum()
-
-    return outer, inner
-
-
 def estimate_hypergradient(
     problem: SyntheticProblem,
     theta: Tensor,
@@ -418,10 +391,12 @@ def estimate_hypergradient(
 ) -> Tensor:
     """Algorithm 1's ``ĝ = (1/|B|) Σ_{i∈B} [∇_θ f_i − ∇²_{θφ} g_i · v_i]`` at ``φ_i^K``.
 
-    ``φ_i^K``: ``K`` steps of :func:`mrmeta.gradient_descent` from the warm start (or 0) at
-    step ``1/L_i`` (:func:`mrmeta.lower_level.linear_head_lipschitz`); ``v_i``: ``N`` CG steps in
-    :func:`mrmeta.hypergradient` (``batched=True``) from the warm start (or 0). ``memory`` is
-    updated in place with the new ``φ^K`` and ``v`` of the visited tasks.
+    The product's own path: the features ``Z = tanh(XA)`` of the visited tasks, ``K`` gradient
+    steps of size ``1/L_i`` from the warm start (or 0) by
+    :func:`mrmeta.lower_level.solve_lower_level`, ``v_i`` and the feature gradients by
+    :func:`mrmeta.implicit.head_hypergradient` (``N`` CG steps from the warm start or 0), and
+    one backward pass of the feature map into ``A``. ``memory`` is updated in place with the
+    new ``φ^K`` and ``v`` of the visited tasks.
 
     Args:
         problem: the tasks.
@@ -433,23 +408,25 @@ def estimate_hypergradient(
     Returns:
         ``ĝ``, ``(d_in, d)``.
     """
-    outer, inner = _library_losses(problem, tasks)
-    theta_d = {"A": theta.detach()}
-    start = (
-        {k: v[tasks] for k, v in memory.phi.items()}
-        if config.warm_phi
-        else zero_heads(problem, len(tasks))
+    leaf = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        zs = shared_features(leaf, problem.support_x[tasks])
+        zq = shared_features(leaf, problem.query_x[tasks])
+    zero = zero_heads(problem, len(tasks))
+    lower = LinearHeadProblem(zs.detach(), problem.support_y[tasks], zero, problem.l2, problem.loss)
+    start = {k: v[tasks] for k, v in memory.phi.items()} if config.warm_phi else zero
+    phi, _ = solve_lower_level(
+        lower, start, solver="gd", max_iters=config.inner_steps, tol=0.0, lr="auto"
     )
-    lr = 1.0 / lower_lipschitz(problem, theta_d["A"])[tasks]
-    phi = gradient_descent(lambda p: inner(theta_d, p), start, steps=config.inner_steps, lr=lr)
     v0 = {k: v[tasks] for k, v in memory.v.items()} if config.warm_v else None
-    result = hypergradient(
-        outer, inner, theta_d, phi, cg_iters=config.cg_iters, v0=v0, batched=True
+    result = head_hypergradient(
+        lower, phi, zq.detach(), problem.query_y[tasks], cg_iters=config.cg_iters, v0=v0
     )
+    (grad,) = torch.autograd.grad([zs, zq], [leaf], [result.support, result.query])
     for key in memory.phi:
         memory.phi[key][tasks] = phi[key]
         memory.v[key][tasks] = result.v[key]
-    return result.grad["A"] / len(tasks)
+    return grad / len(tasks) + problem.outer_l2 * theta.detach()
 
 
 @dataclass
