@@ -23,9 +23,12 @@ HELP = {
     "meta_batch": "tasks per meta-iteration |B|",
     "iterations": "number of meta-iterations",
     "time_budget": "stop after this many seconds of meta-training",
-    "inner_steps": "inner gradient steps K (default: the algorithm's, see README)",
+    "inner_solver": "lower-level solver of mrml: newton (to --inner-tol, at most --inner-steps "
+    "iterations) or gd (--inner-steps plain steps of --inner-lr; the paper's)",
+    "inner_steps": "inner gradient steps K, or Newton's cap",
+    "inner_tol": "Newton stops once every task's lower-level gradient norm is below this (mrml)",
     "inner_lr": "inner step size, or 'auto' (1/L per task; head-only methods)",
-    "cg_iters": "CG iterations N (mrml, imaml; default: the algorithm's); 0: no implicit term",
+    "cg_iters": "CG iterations N (mrml, imaml); 0: no implicit term",
     "l2": "L2 coefficient mu of the lower level (mrml, itd-bio)",
     "reg": "proximal coefficient lambda of iMAML",
     "warm_start_head": "warm-start the head per task slot across iterations (mrml)",
@@ -76,11 +79,31 @@ SPECIAL_TYPES = {
     "chunk_size": _chunk,
     "inner_lr": _lr_or_auto,
     "inner_steps": int,
+    "inner_tol": float,
+    "inner_solver": str,
+    "l2": float,
+    "reg": float,
     "cg_iters": int,
     "time_budget": float,
     "data_root": str,
     "threads": int,
 }
+
+
+def _default_text(name: str, default: object) -> str:
+    """The default shown in ``--help``: per algorithm for the options the algorithm sets."""
+    from mrmeta._factory import LEARNER_OPTIONS
+    from mrmeta.algorithms import ALGORITHMS as CLASSES
+    from mrmeta.algorithms import algorithm_defaults
+
+    if name not in LEARNER_OPTIONS or default is not None:
+        return str(default)
+    per_algo = [
+        f"{algo} {algorithm_defaults(algo)[name]}"
+        for algo in CLASSES
+        if name in algorithm_defaults(algo)
+    ]
+    return ", ".join(per_algo)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +115,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {
             "dest": field.name,
             "default": argparse.SUPPRESS,
-            "help": f"{HELP[field.name]} (default: {default})",
+            "help": f"{HELP[field.name]} (default: {_default_text(field.name, default)})",
         }
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 PROTOCOLS = ("native", "frozen-backbone")
 DTYPES = ("float32", "float64")
+INNER_SOLVERS = ("newton", "gd")
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class TrainConfig:
     """Everything a training run depends on; saved as ``config.json`` in the run folder.
 
     Defaults are the quick start: Omniglot 5-way 1-shot with ``mrml`` in about ten minutes on
-    two CPU cores. ``inner_steps = None`` and ``inner_lr = None`` take the algorithm's own
-    defaults (see ``mrmeta._factory.ALGORITHM_DEFAULTS``). ``distributed`` shards each
+    two CPU cores. The algorithm's options left at ``None`` (``inner_solver``, ``inner_steps``,
+    ``inner_tol``, ``inner_lr``, ``cg_iters``, ``l2``, ``reg``) take its own defaults, which live
+    in its constructor (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision.
     """
@@ -49,11 +51,13 @@ class TrainConfig:
     meta_batch: int = 16
     iterations: int = 300
     time_budget: float | None = None
+    inner_solver: str | None = None
     inner_steps: int | None = None
+    inner_tol: float | None = None
     inner_lr: float | str | None = None
     cg_iters: int | None = None
-    l2: float = 0.01
-    reg: float = 2.0
+    l2: float | None = None
+    reg: float | None = None
     warm_start_head: bool = False
     warm_start_cg: bool = False
     learn_head_init: bool = False
@@ -100,8 +104,9 @@ class TrainConfig:
         if self.cg_iters is not None:
             _check_int("cg_iters", self.cg_iters, minimum=0)
         _check_int("seed", self.seed, minimum=0)
-        for name in ("lr", "l2", "reg", "dist_timeout"):
-            _check_number(name, getattr(self, name), positive=name != "l2")
+        for name in ("lr", "dist_timeout"):
+            _check_number(name, getattr(self, name), positive=True)
+        _check_learner_options(self)
         if self.chunk_size is not None:
             _check_int("chunk_size", self.chunk_size, minimum=1)
         if self.threads is not None:
@@ -151,6 +156,17 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
     return dict(data.get("train", data))
+
+
+def _check_learner_options(config: TrainConfig) -> None:
+    """The algorithm options that may be left unset (None: the algorithm's default)."""
+    for name in ("l2", "inner_tol"):
+        if getattr(config, name) is not None:
+            _check_number(name, getattr(config, name), positive=False)
+    if config.reg is not None:
+        _check_number("reg", config.reg, positive=True)
+    if config.inner_solver is not None:
+        _check_choice("inner_solver", config.inner_solver, INNER_SOLVERS)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -21,8 +21,8 @@ Two implementations, chosen by :func:`head_problem`: :class:`LinearHeadProblem` 
 
 Solvers of the lower level, chosen by :func:`solve_lower_level`: :func:`newton_solve` (exact
 Newton directions with a backtracking line search, stopping on ``‖∇_φ g‖ ≤ tol``; the default)
-and :func:`gradient_steps` (``K`` plain steps, the paper's configuration). Both report what they
-did in a :class:`SolveReport`.
+and :func:`mrmeta.inner.gradient_steps` (``K`` plain steps, the paper's configuration). Both
+report what they did in a :class:`SolveReport`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from mrmeta._per_task import batched_head_forward, check_loss_name, task_losses
 from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_norm, tree_where
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.implicit import conjugate_gradient
+from mrmeta.inner import gradient_steps
 
 SOLVERS = ("newton", "gd")
 Solver = Literal["newton", "gd"]
@@ -568,26 +569,6 @@ class SolveReport:
     converged: Tensor
 
 
-def gradient_steps(
-    grad_fn: Callable[[TensorDict], Mapping[str, Tensor]],
-    phi0: Mapping[str, Tensor],
-    *,
-    steps: int,
-    lr: Tensor | float,
-) -> TensorDict:
-    """``steps`` steps ``φ^{k+1} = φ^k − λ · grad_fn(φ^k)`` kept without a graph.
-
-    Args:
-        grad_fn: ``φ ↦ ∇_φ g(φ)``, shaped like ``φ``.
-        phi0: starting point ``φ⁰`` (detached here).
-        steps: ``K ≥ 0``.
-        lr: a float, or ``(T,)`` per task (the first dimension of every tensor of ``φ``).
-    """
-    phi = {k: v.detach() for k, v in phi0.items()}
-    for _ in range(steps):
-        grads = grad_fn(phi)
-        phi = tree_axpy(-lr, grads, phi, batched=True)
-    return phi
 
 
 def newton_solve(
