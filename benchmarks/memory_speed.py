@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrmeta import Conv4, MetaLearner, TaskBatch, measure_peak_memory
-from mrmeta._heads import task_features
+from mrmeta._per_task import task_features
 from mrmeta.algorithms.anil import ANIL
 from mrmeta.algorithms.imaml import IMAML
 from mrmeta.algorithms.itd_bio import ITDBiO
@@ -124,14 +124,16 @@ def build(method: str, k: int, setting: Setting) -> MetaLearner | nn.Module:
     if method == "plain":
         return model
     if method == "mrml":
-        return MemoryReduced(backbone, head, inner_lr=head_lr, cg_iters=setting.cg_iters, **common)
+        return MemoryReduced(  # K plain steps (the paper's lower level): memory against K
+            backbone, head, inner_solver="gd", inner_lr=head_lr, cg_iters=setting.cg_iters, **common
+        )
     if method == "anil":
         return ANIL(backbone, head, inner_lr=0.1, **common)
     if method == "itd-bio":
         return ITDBiO(backbone, head, inner_lr=head_lr, **common)
     if method in ("maml", "fomaml"):
-        return MAML(model, inner_lr=0.5, first_order=method == "fomaml", **common)
-    return IMAML(model, inner_lr=0.1, cg_iters=setting.cg_iters, **common)
+        return MAML(model, first_order=method == "fomaml", **common)  # the class's inner lr
+    return IMAML(model, cg_iters=setting.cg_iters, **common)
 
 
 def plain_step(model: Conv4, batch: TaskBatch, chunk_size: int | None) -> None:

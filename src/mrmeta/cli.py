@@ -23,6 +23,8 @@ HELP = {
     "meta_batch": "tasks per meta-iteration |B|",
     "iterations": "number of meta-iterations",
     "time_budget": "stop after this many seconds of meta-training",
+    "budget_clock": "what --time-budget counts: wall (elapsed seconds) or cpu (the process's CPU "
+    "seconds: with --threads 1, robust to other load on the machine)",
     "inner_solver": "lower-level solver of mrml: newton (to --inner-tol, at most --inner-steps "
     "iterations) or gd (--inner-steps plain steps of --inner-lr; the paper's)",
     "inner_steps": "inner gradient steps K, or Newton's cap",
@@ -42,8 +44,11 @@ HELP = {
     "device": "cpu or cuda",
     "threads": "torch CPU threads",
     "val_every": "validate every this many iterations",
+    "val_every_seconds": "validate also every this many seconds of training (--budget-clock's "
+    "clock), so that every method is validated at the same times",
     "val_tasks": "validation tasks",
-    "test_tasks": "test tasks at the end (>= 600 for a publishable number)",
+    "test_tasks": "test tasks at the end (>= 600 for a publishable number; 0: no test, e.g. "
+    "while tuning on the validation split)",
     "eval_protocol": f"test protocol: {', '.join(PROTOCOLS)}",
     "checkpoint_every": "write last.pt every this many iterations",
     "max_skipped": "stop when more than this many consecutive meta-steps are non-finite",
@@ -85,6 +90,7 @@ SPECIAL_TYPES = {
     "reg": float,
     "cg_iters": int,
     "time_budget": float,
+    "val_every_seconds": float,
     "data_root": str,
     "threads": int,
 }
@@ -166,6 +172,10 @@ def _run_train(args: argparse.Namespace) -> None:
     else:
         result = train(config_from_args(args), args.out, progress=not args.quiet)
     if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
+        return
+    if result["test_accuracy"] is None:
+        print(f"no test (--test-tasks 0); best validation accuracy "
+              f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")  # fmt: skip
         return
     print(
         f"test accuracy: {100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "

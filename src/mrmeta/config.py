@@ -51,6 +51,7 @@ class TrainConfig:
     meta_batch: int = 16
     iterations: int = 300
     time_budget: float | None = None
+    budget_clock: str = "wall"
     inner_solver: str | None = None
     inner_steps: int | None = None
     inner_tol: float | None = None
@@ -69,6 +70,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None
     val_every: int = 50
+    val_every_seconds: float | None = None
     val_tasks: int = 200
     test_tasks: int = 600
     eval_protocol: str = "native"
@@ -85,6 +87,7 @@ class TrainConfig:
         _check_choice("eval_protocol", self.eval_protocol, PROTOCOLS)
         _check_choice("omniglot_split", self.omniglot_split, ("lake", "vinyals"))
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("budget_clock", self.budget_clock, ("wall", "cpu"))
         for name in (
             "ways",
             "shots",
@@ -93,12 +96,12 @@ class TrainConfig:
             "hidden",
             "val_every",
             "val_tasks",
-            "test_tasks",
             "checkpoint_every",
             "max_skipped",
         ):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("queries", self.queries, minimum=1)
+        _check_int("test_tasks", self.test_tasks, minimum=0)
         if self.inner_steps is not None:
             _check_int("inner_steps", self.inner_steps, minimum=0)
         if self.cg_iters is not None:
@@ -111,8 +114,9 @@ class TrainConfig:
             _check_int("chunk_size", self.chunk_size, minimum=1)
         if self.threads is not None:
             _check_int("threads", self.threads, minimum=1)
-        if self.time_budget is not None:
-            _check_number("time_budget", self.time_budget, positive=True)
+        for name in ("time_budget", "val_every_seconds"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), positive=True)
         if self.inner_lr is not None and self.inner_lr != "auto":
             _check_number("inner_lr", self.inner_lr, positive=True)
 

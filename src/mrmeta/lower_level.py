@@ -278,6 +278,9 @@ class LinearHeadProblem(HeadProblem):
         super().__init__(features, labels, center, l2, loss)
         self.logit_loss = _LOGIT_LOSSES[self.loss]
         self._gram: tuple[Tensor, Tensor] | None = None
+        # The precision of the Newton system's factorisation: the features' own, unless the
+        # problem was widened to float64 for a float32 model (see solve_lower_level).
+        self.factor_dtype = features.dtype
 
     def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
         value = self.logit_loss.value(linear_logits(self.features, phi), self.labels)
@@ -301,13 +304,13 @@ class LinearHeadProblem(HeadProblem):
         residual = self.logit_loss.residual(state, query_labels)
         return torch.bmm(residual, phi["weight"]), pull_back(query, residual)
 
-    def logit_gram(self) -> tuple[Tensor, Tensor]:
-        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in float32 ``(T, nC, nC)``, computed once."""
+    def logit_gram(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in ``dtype`` ``(T, nC, nC)``, computed once."""
         if self._gram is None:
             features = _with_ones(self.features)
             gram = torch.bmm(features, features.transpose(1, 2))
             c = self.center["weight"].shape[1]
-            weights = gram.float().repeat_interleave(c, 1).repeat_interleave(c, 2)
+            weights = gram.to(dtype).repeat_interleave(c, 1).repeat_interleave(c, 2)
             self._gram = (gram, weights)
         return self._gram
 
@@ -367,16 +370,23 @@ class _LinearCurvature(Curvature):
         factor = self.problem.logit_loss.factor(self.state)
         stacked = torch.cat([rhs["weight"], rhs["bias"].unsqueeze(-1)], -1)
         n, d1 = features.shape[1:]
+        l2, precision = self.problem.l2, self.problem.factor_dtype
         if n <= d1:
-            gram, weights = self.problem.logit_gram()
-            x = _woodbury_solve(features, gram, weights, factor, self.problem.l2, stacked)
+            gram, weights = self.problem.logit_gram(precision)
+            x = _woodbury_solve(features, gram, weights, factor, l2, stacked, precision)
         else:
-            x = _dense_solve(features, factor, self.problem.l2, stacked)
+            x = _dense_solve(features, factor, l2, stacked, precision)
         return {"weight": x[..., :-1], "bias": x[..., -1]}
 
 
 def _woodbury_solve(
-    features: Tensor, gram: Tensor, weights: Tensor, factor: Tensor, l2: float, rhs: Tensor
+    features: Tensor,
+    gram: Tensor,
+    weights: Tensor,
+    factor: Tensor,
+    l2: float,
+    rhs: Tensor,
+    factor_dtype: torch.dtype,
 ) -> Tensor:
     """``(Jᵀ B Bᵀ J + μ I)⁻¹ r`` through the ``n·C`` logit space: ``Z̃ (T, n, d+1)``, its Gram
     matrix ``G̃ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in float32 ``(T, nC, nC)`` (fixed for the problem),
@@ -392,16 +402,18 @@ def _woodbury_solve(
         mixed = torch.einsum("tjca,tjc->tja", factor, torch.bmm(gram, b_y))
         return l2 * y + mixed.reshape(tasks, n * c)
 
-    x = factor.transpose(2, 3).reshape(tasks, n * c, c).float()
+    x = factor.transpose(2, 3).reshape(tasks, n * c, c).to(factor_dtype)
     system = torch.bmm(x, x.transpose(1, 2)).mul_(weights)
     j_r = torch.bmm(features, rhs.transpose(1, 2))  # (T, n, C): the logits' direction J r
     bt_j_r = torch.einsum("tjca,tjc->tja", factor, j_r).reshape(tasks, n * c)
-    y = _spd_solve(system, l2, operator, bt_j_r).view(tasks, n, c)
+    y = _spd_solve(system, l2, operator, bt_j_r, factor_dtype).view(tasks, n, c)
     b_y = torch.einsum("tjca,tja->tjc", factor, y)
     return (rhs - torch.bmm(b_y.transpose(1, 2), features)) / l2
 
 
-def _dense_solve(features: Tensor, factor: Tensor, l2: float, rhs: Tensor) -> Tensor:
+def _dense_solve(
+    features: Tensor, factor: Tensor, l2: float, rhs: Tensor, factor_dtype: torch.dtype
+) -> Tensor:
     """``(Σ_j B_j B_jᵀ ⊗ z̃_j z̃_jᵀ + μ I)⁻¹ r`` with the Hessian formed: same shapes as
     :func:`_woodbury_solve`."""
     tasks, c, d1 = rhs.shape
@@ -412,28 +424,37 @@ def _dense_solve(features: Tensor, factor: Tensor, l2: float, rhs: Tensor) -> Te
     def operator(x: Tensor) -> Tensor:
         return l2 * x + torch.bmm(hessian, x.unsqueeze(-1)).squeeze(-1)
 
-    return _spd_solve(hessian, l2, operator, rhs.reshape(tasks, c * d1)).view(tasks, c, d1)
+    flat = rhs.reshape(tasks, c * d1)
+    return _spd_solve(hessian, l2, operator, flat, factor_dtype).view(tasks, c, d1)
 
 
 def _spd_solve(
-    matrix: Tensor, shift: float, operator: Callable[[Tensor], Tensor], rhs: Tensor
+    matrix: Tensor,
+    shift: float,
+    operator: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    factor_dtype: torch.dtype,
 ) -> Tensor:
     """``(A + shift·I)⁻¹ b`` for symmetric positive definite ``A + shift·I``: ``A (T, m, m)``,
     ``b (T, m)`` → ``(T, m)``; ``operator`` applies ``A + shift·I`` in ``b``'s precision.
 
-    A Cholesky factorisation in float32 (the expensive part, ``m³/3``) and one step of
-    iterative refinement with the residual from ``operator``: the float32 solve's relative
-    error, about ``cond · 6e-8``, is squared, so a float64 system keeps close to float64
-    accuracy for ``cond ≲ 10⁵`` at float32 cost (Newton only needs a good direction)."""
+    A Cholesky factorisation in ``factor_dtype`` (the expensive part, ``m³/3``). When that is
+    below ``b``'s precision (float32 for a float64 system: a float32 model's lower level), one
+    step of iterative refinement with the residual from ``operator`` follows: the float32
+    solve's relative error, about ``cond · 6e-8``, is squared, so the direction keeps close to
+    float64 accuracy for ``cond ≲ 10⁵`` at float32 cost."""
     m = matrix.shape[-1]
-    shifted = matrix.float() + shift * torch.eye(m, dtype=torch.float32, device=matrix.device)
+    shifted = matrix.to(factor_dtype) + shift * torch.eye(
+        m, dtype=factor_dtype, device=matrix.device
+    )
     chol = torch.linalg.cholesky(shifted)
 
     def rough(b: Tensor) -> Tensor:
-        return torch.cholesky_solve(b.float().unsqueeze(-1), chol).squeeze(-1).to(rhs.dtype)
+        solved = torch.cholesky_solve(b.to(factor_dtype).unsqueeze(-1), chol)
+        return solved.squeeze(-1).to(rhs.dtype)
 
     x = rough(rhs)
-    return x + rough(rhs - operator(x))
+    return x if factor_dtype == rhs.dtype else x + rough(rhs - operator(x))
 
 
 class AutogradHeadProblem(HeadProblem):
@@ -569,8 +590,6 @@ class SolveReport:
     converged: Tensor
 
 
-
-
 def newton_solve(
     problem: HeadProblem,
     phi0: Mapping[str, Tensor],
@@ -688,4 +707,6 @@ def _in_float64(problem: HeadProblem) -> HeadProblem:
     args = (problem.features.double(), labels, _cast(problem.center, torch.float64))
     if isinstance(problem, AutogradHeadProblem):  # parameters come from φ: the module is kept
         return AutogradHeadProblem(problem.head, *args, problem.l2, problem.loss)
-    return type(problem)(*args, problem.l2, problem.loss)
+    wide = LinearHeadProblem(*args, problem.l2, problem.loss)
+    wide.factor_dtype = problem.features.dtype
+    return wide

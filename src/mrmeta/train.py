@@ -57,6 +57,8 @@ class Progress:
     best_val: float = -math.inf
     train_seconds: float = 0.0
     skipped_in_row: int = 0
+    train_cpu_seconds: float = 0.0
+    next_timed_validation: float = 0.0
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -213,12 +215,13 @@ class TrainingRun:
         """One meta-iteration; returns its metrics record."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         batch = self._draw(self.sampler, self.local_batch)
         stats: StepStats = self.learner.meta_step(
             batch, self.optimizer, reduce_gradients=self._reduce_gradients
         )
         seconds = time.perf_counter() - start
+        self.progress.train_cpu_seconds += time.process_time() - start_cpu
         memory_key, memory = peak_memory_bytes(self.device)
         stats, seconds, memory = self._across_ranks(stats, seconds, memory)
         self.progress.iteration += 1
@@ -230,6 +233,7 @@ class TrainingRun:
             **stats.as_dict(),
             "seconds": seconds,
             "train_seconds": self.progress.train_seconds,
+            "train_cpu_seconds": self.progress.train_cpu_seconds,
             memory_key: memory,
         }
 
@@ -294,12 +298,28 @@ class TrainingRun:
     # ------------------------------------------------------------------ loop
     def _finished(self) -> bool:
         budget = self.config.time_budget
-        out_of_time = budget is not None and self.progress.train_seconds >= budget
+        out_of_time = budget is not None and self._spent() >= budget
         return self.progress.iteration >= self.config.iterations or out_of_time
+
+    def _spent(self) -> float:
+        """Training seconds so far on the clock ``--budget-clock`` names."""
+        if self.config.budget_clock == "cpu":
+            return self.progress.train_cpu_seconds
+        return self.progress.train_seconds
+
+    def _timed_validation_due(self) -> bool:
+        """Whether ``--val-every-seconds`` of training passed since the last timed validation."""
+        interval = self.config.val_every_seconds
+        if interval is None or self._spent() < self.progress.next_timed_validation:
+            return False
+        while self.progress.next_timed_validation <= self._spent():
+            self.progress.next_timed_validation += interval
+        return True
 
     def _after_step(self, log: MetricsLog | None, record: dict[str, Any]) -> None:
         it = self.progress.iteration
-        validate = it % self.config.val_every == 0 or self._finished()
+        timed = self._timed_validation_due()
+        validate = it % self.config.val_every == 0 or timed or self._finished()
         save = it % self.config.checkpoint_every == 0 or self._finished()
         if self.dist.enabled and (validate or save):
             self._rank_states = gather_to_main(self._rank_state(), self.dist)
@@ -315,6 +335,7 @@ class TrainingRun:
                     "accuracy": result.mean,
                     "ci95": result.ci95,
                     "train_seconds": self.progress.train_seconds,
+                    "train_cpu_seconds": self.progress.train_cpu_seconds,
                 }
             )
             if result.mean > self.progress.best_val:
@@ -357,6 +378,8 @@ def _postfix(record: dict[str, Any], best_val: float) -> dict[str, str]:
 RESUME_OVERRIDES = (
     "iterations",
     "time_budget",
+    "budget_clock",
+    "val_every_seconds",
     "lr",
     "inner_lr",
     "max_skipped",
@@ -465,7 +488,7 @@ def finish(run: TrainingRun) -> dict[str, Any]:
     """Test the best-validation parameters, write ``result.json`` and the learning curves."""
     if (run.run_dir / BEST).exists():
         run.learner.load_state_dict(load_checkpoint(run.run_dir / BEST)["learner"])
-    test = run.test()
+    test = run.test() if run.config.test_tasks > 0 else None  # 0: the test split is not read
     result = {
         "algo": run.config.algo,
         "dataset": run.config.dataset,
@@ -474,10 +497,10 @@ def finish(run: TrainingRun) -> dict[str, Any]:
         "iterations": run.progress.iteration,
         "train_seconds": run.progress.train_seconds,
         "best_val_accuracy": run.progress.best_val,
-        "test_accuracy": test.mean,
-        "test_ci95": test.ci95,
-        "test_tasks": test.tasks,
-        "test_protocol": test.protocol,
+        "test_accuracy": None if test is None else test.mean,
+        "test_ci95": None if test is None else test.ci95,
+        "test_tasks": 0 if test is None else test.tasks,
+        "test_protocol": run.config.eval_protocol,
         "tested_checkpoint": BEST if (run.run_dir / BEST).exists() else LAST,
     }
     write_json(run.run_dir / "result.json", result)

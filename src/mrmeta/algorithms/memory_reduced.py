@@ -24,42 +24,48 @@ class MemoryReduced(HeadLearner):
     The model is split into a shared backbone ``θ`` and a per-task head ``φ``. For each task
     ``i`` with support features ``Z_s = backbone(x_s)`` and query features ``Z_q``:
 
-    * lower level ``g_i(θ, φ) = CE(head_φ(Z_s), y_s) + μ/2 ‖φ − c‖²`` (``c = 0``, or the learned
-      head initialisation when ``learn_head_init``), solved by ``K`` gradient steps kept
-      without a graph: ``φ^{k+1} = φ^k − λ ∇_φ g_i``;
-    * upper level ``f_i(θ, φ) = CE(head_φ(Z_q), y_q)``;
-    * the meta-gradient is the implicit hypergradient at ``φ^K`` (see
-      :func:`mrmeta.hypergradient`), with ``[∇²_φ g_i]⁻¹ ∇_φ f_i`` from ``N`` CG steps,
-      averaged over the batch: ``ĝ = (1/B) Σ_i [∇_θ f_i − ∇²_{θφ} g_i · v_i]``.
+    * lower level ``g_i(θ, φ) = L(head_φ(Z_s), y_s) + μ/2 ‖φ − c‖²`` (``c = 0``, or the learned
+      head initialisation when ``learn_head_init``), solved without a graph by
+      :func:`mrmeta.lower_level.solve_lower_level`: Newton's method to ``‖∇_φ g_i‖ ≤
+      inner_tol`` (default), or ``K`` plain gradient steps (``inner_solver="gd"``, the paper's);
+    * upper level ``f_i(θ, φ) = L(head_φ(Z_q), y_q)``;
+    * the meta-gradient is the implicit hypergradient at that ``φ_i``
+      (:func:`mrmeta.implicit.head_hypergradient`), with ``v_i = [∇²_φ g_i]⁻¹ ∇_φ f_i`` from
+      ``N`` CG steps, averaged over the batch: ``ĝ = (1/B) Σ_i [∇_θ f_i − ∇²_{θφ} g_i · v_i]``.
 
     Because ``f`` and ``g`` see ``θ`` only through the features, the hypergradient is taken
     with respect to ``(Z_s, Z_q)`` and sent into the backbone by one ordinary backward pass:
     the memory is one backbone graph per chunk of tasks, independent of ``K`` and ``N``.
+    A meta-step reads: features → solve → hypergradient → one backward.
 
-    The paper and the authors' code differ (PAPER.md §2); each difference is an option:
-    ``warm_start_head`` (start ``φ⁰`` from the previous iteration's ``φ^K`` of the same task
-    slot), ``warm_start_cg`` (start CG from the previous ``v`` of the slot), ``l2`` (``μ``; the
-    code uses 0), and the outer optimizer (any ``torch.optim`` optimizer, see :meth:`meta_step`).
+    Why Newton by default: the implicit formula is exact only at the minimiser ``φ*``. With the
+    former default of 200 gradient steps of size ``1/L`` the head's gradient norm at ``φ^K`` was
+    still about 0.12 (Omniglot 5-way 1-shot) and 0.4 (20-way); Newton with exact directions
+    (the head problem's Hessian is ``μI`` plus a term of rank ≤ n·C) reaches ``1e-6`` in about
+    5–8 iterations (``inner_iterations`` and ``inner_grad_norm`` in the step's statistics).
+    The paper's configuration is ``inner_solver="gd", inner_steps=20, cg_iters=20`` with a
+    fixed ``inner_lr`` (0.1 or 0.05) and ``l2=0`` in the authors' code (docs/method.md).
 
-    Defaults and what was measured with them: ``K = 200``, ``N = 20``, ``inner_lr="auto"``,
-    ``μ = 0.01``, no warm starts, a fixed head start. On Omniglot 5-way 1-shot (Lake split,
-    Conv4-64, 16 tasks per batch, Adam 1e-3, 240 s on 2 CPU cores) ``K = 200`` reached 93.1%
-    validation and 93.8% ± 0.5% test accuracy against 86.7% and 88.1% ± 0.7% with the paper's
-    ``K = 20`` at the same speed (the head steps are in closed form): the implicit formula needs
-    ``φ^K`` near the minimiser, and after 20 steps of size ``1/L`` the head's gradient norm was
-    still about 1 (0.12 after 200). Warm starts are off because
-    the tasks change every iteration, so a slot's previous ``φ^K`` belongs to another task with
-    permuted labels; on a fixed task set they cut the hypergradient error 24–31× and remove the
-    floor of a cold start (benchmarks/results/convergence.md).
+    The paper and the authors' code differ in more ways (docs/method.md); each is an option:
+    ``warm_start_head`` (start ``φ`` from the previous iteration's solution of the same task
+    slot), ``warm_start_cg`` (start CG from the previous ``v`` of the slot), ``l2`` (``μ``),
+    and the outer optimizer (any ``torch.optim`` optimizer, see :meth:`meta_step`). Warm starts
+    are off by default: the tasks change every iteration, so a slot's previous solution belongs
+    to another task with permuted labels; on a fixed task set they cut the hypergradient error
+    24–31× and remove the floor of a cold start (benchmarks/results/convergence.md).
 
     Args:
         backbone: the shared feature extractor ``θ``; maps ``(n, *input)`` to ``(n, d)``.
         head: the per-task module ``φ`` (its current parameters are the starting point ``φ⁰``).
-        inner_steps: ``K ≥ 0``.
-        inner_lr: ``λ``, or ``"auto"`` (default) for ``λ_i = 1/L_i`` from each task's curvature
-            bound ``L_i = c‖[Z_s, 1]‖₂²/n + μ`` (linear heads only). A fixed step stops
-            converging once the features grow, and training then collapses (DESIGN.md).
-        cg_iters: ``N ≥ 0``; ``0`` drops the implicit term (only ``∇_θ f`` at ``φ^K``).
+        inner_solver: ``"newton"`` (needs ``l2 > 0``) or ``"gd"``.
+        inner_steps: ``K ≥ 0``: Newton's cap on iterations, or the number of gradient steps.
+        inner_tol: Newton stops once every task's ``‖∇_φ g_i‖ ≤ inner_tol``.
+        inner_lr: the gradient step ``λ`` (``"gd"`` only), or ``"auto"`` (default) for
+            ``λ_i = 1/L_i`` from each task's curvature bound ``L_i = c‖[Z_s, 1]‖₂²/n + μ``
+            (linear heads only). A fixed step stops converging once the features grow, and
+            training then collapses (docs/design.md).
+        cg_iters: ``N ≥ 0``; ``0`` drops the implicit term (only ``∇_θ f`` at ``φ``).
+        cg_tol: CG stops early once its residual norm is below this.
         l2: ``μ ≥ 0``, the strong-convexity coefficient of the lower level.
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression).
         warm_start_head: warm-start ``φ`` per task slot across iterations.
@@ -68,19 +74,21 @@ class MemoryReduced(HeadLearner):
             (iMAML-style), which is how it receives a gradient.
         chunk_size: tasks processed together (``1`` = one at a time as in the paper, ``None`` =
             the whole batch); trades memory for speed. BatchNorm stays per task.
-        cg_tol: CG stops early once its residual norm is below this.
-        closed_form: for an ``nn.Linear`` head with cross-entropy, compute the head's
-            gradients, Hessian-vector products and mixed products in closed form
-            (:mod:`mrmeta._linear_ce`) instead of by autograd — the same numbers, faster.
+
+    An ``nn.Linear`` head gets closed forms for every derivative and an exact Newton direction
+    (:class:`mrmeta.lower_level.LinearHeadProblem`); any other head is handled by autograd
+    (Newton-CG; :class:`mrmeta.lower_level.AutogradHeadProblem`).
 
     Example:
         >>> from mrmeta import Conv4, MemoryReduced
         >>> model = Conv4(ways=5, hidden=8, zero_head=True)
-        >>> learner = MemoryReduced(model.backbone, model.head, inner_steps=5, cg_iters=5)
+        >>> learner = MemoryReduced(model.backbone, model.head, cg_iters=5)
         >>> optimizer = torch.optim.Adam(learner.meta_parameters(), lr=1e-3)
         >>> batch = TaskBatch(torch.randn(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
         ...                   torch.randn(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
         >>> stats = learner.meta_step(batch, optimizer)
+        >>> stats.inner_grad_norm_max < 1e-4
+        True
     """
 
     def __init__(

@@ -1,0 +1,375 @@
+"""A fair comparison on real Omniglot: tune on validation, train several seeds, test once.
+
+Every method goes through the same protocol (docs/design.md, "Fair comparisons"):
+
+* ``tune``: the same number of configurations per method (:data:`GRIDS`, a 2 × 2 grid over
+  its two most important hyperparameters), each meta-trained for ``--tune-budget`` seconds
+  with seed 0 and scored by its best validation accuracy (the same ``--val-tasks`` validation
+  tasks for everyone). The test split is never read here (``--test-tasks 0``).
+* ``final``: each method's selected configuration, and the extra rows (:data:`EXTRA_ROWS`),
+  for ``--seeds`` seeds and ``--budget`` seconds, validated every ``--budget / --validations``
+  seconds of training; the best-validation checkpoint is tested once on 600 test tasks under
+  the native protocol and again under the frozen-backbone protocol.
+* ``cost``: seconds per meta-iteration of mrml and ANIL at their defaults, interleaved in one
+  process with one thread, as a median of paired per-round ratios.
+* ``report``: tables, the targets of the issue with their margins, and learning curves.
+
+Every run is one ``python -m mrmeta train`` subprocess with ``--threads 1``, two at a time on
+the two cores, and its training time counted in CPU seconds (``--budget-clock cpu``), so that
+other load on the machine changes neither a run's budget nor its validation times; the job list
+interleaves the methods so that each one shares the machine with every other.
+
+Commands (results in benchmarks/results/)::
+
+    python benchmarks/fair_comparison.py tune --ways 5
+    python benchmarks/fair_comparison.py final --ways 5
+    python benchmarks/fair_comparison.py cost --ways 5
+    python benchmarks/fair_comparison.py report --ways 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The tuning grid of every method: the same size (4) for each, over the meta learning rate and
+# the method's most important inner hyperparameter (its step size, or its regulariser).
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "mrml": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
+    "itd-bio": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
+    "anil": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.5)],
+    "maml": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.4)],
+    "fomaml": [
+        {"lr": lr, "inner_steps": k, "inner_lr": a}
+        for lr in (1e-3, 3e-3)
+        for k, a in ((1, 0.4), (5, 0.1))
+    ],
+    "imaml": [{"lr": lr, "reg": reg} for lr in (1e-3, 3e-3) for reg in (0.5, 2.0)],
+}
+
+# Rows measured in the final stage besides the tuned methods: (name, based on, changes).
+EXTRA_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("mrml-learn-head-init", "mrml", {"learn_head_init": True}),
+    (
+        "mrml-paper",  # the paper's lower level and its code's settings, not tuned
+        "paper",
+        {
+            "algo": "mrml",
+            "inner_solver": "gd",
+            "inner_steps": 20,
+            "cg_iters": 20,
+            "inner_lr": 0.1,
+            "l2": 0.0,
+        },
+    ),
+]
+
+
+def _flags(options: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out.extend([flag, str(value)])
+    return out
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    common = {
+        "dataset": "omniglot",
+        "ways": args.ways,
+        "shots": args.shots,
+        "queries": args.queries,
+        "meta_batch": args.meta_batch,
+        "threads": 1,
+        "budget_clock": "cpu",
+        "iterations": 10**7,
+        "checkpoint_every": 10**7,
+        "val_every": 10**7,
+        "val_tasks": args.val_tasks,
+    }
+    if args.data_root:
+        common["data_root"] = args.data_root
+    return common
+
+
+def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One ``mrmeta train`` subprocess; its folder's result.json and metrics, summarised."""
+    run_dir = Path(job["run_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "mrmeta", "train", "--out", str(run_dir), "--quiet"]
+    command += _flags(job["options"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        print(f"FAILED {job['name']}: {done.stderr.strip()[-400:]}", flush=True)
+        return {**job, "failed": done.stderr.strip()[-2000:], "wall_seconds": wall}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((run_dir / "result.json").read_text())
+    summary = summarise_records(records)
+    print(
+        f"{job['name']}: {summary['iterations']} it, best val {summary['best_val']:.4f} "
+        f"({wall:.0f} s wall)",
+        flush=True,
+    )
+    return {**job, **summary, "result": result, "wall_seconds": wall}
+
+
+def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Validation curve (CPU seconds, accuracy), iterations, s/it and the solve statistics."""
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    per_it = [r["seconds"] for r in train[2:]] or [r["seconds"] for r in train]
+    norms = [r["inner_grad_norm_max"] for r in train if r.get("inner_grad_norm_max") is not None]
+    return {
+        "iterations": len(train),
+        "curve": [(r["train_cpu_seconds"], r["accuracy"]) for r in val],
+        "best_val": max((r["accuracy"] for r in val), default=float("nan")),
+        "median_seconds_per_iteration": statistics.median(per_it) if per_it else None,
+        "inner_grad_norm_max": max(norms) if norms else None,
+        "inner_iterations_mean": _mean(
+            [r["inner_iterations"] for r in train if r.get("inner_iterations") is not None]
+        ),
+        "skipped": sum(1 for r in train if r.get("skipped")),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def run_all(jobs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Two jobs at a time (one thread each); results in job order."""
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        return list(pool.map(lambda job: run_job(job, args), jobs))
+
+
+def interleave(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Round-robin over the methods' job lists, rotating the start each round, so that
+    consecutive jobs (which run side by side) pair different methods every round."""
+    out, rounds = [], max(len(g) for g in groups)
+    for r in range(rounds):
+        order = groups[r % len(groups) :] + groups[: r % len(groups)]
+        out += [g[r] for g in order if r < len(g)]
+    return out
+
+
+def _setting(args: argparse.Namespace) -> str:
+    return f"{args.ways}way{args.shots}shot"
+
+
+def tune(args: argparse.Namespace) -> None:
+    """Stage 1: every method's grid at seed 0, scored on validation only."""
+    groups = []
+    for method in args.methods:
+        jobs = []
+        for i, config in enumerate(GRIDS[method]):
+            options = {
+                **_common(args),
+                "algo": method,
+                "seed": 0,
+                **config,
+                "time_budget": args.tune_budget,
+                "val_every_seconds": args.tune_budget / args.tune_validations,
+                "test_tasks": 0,
+            }
+            run_dir = args.runs / f"tune-{_setting(args)}-{method}-{i}"
+            jobs.append(
+                {
+                    "name": f"tune {method} #{i} {config}",
+                    "method": method,
+                    "config": config,
+                    "options": options,
+                    "run_dir": str(run_dir),
+                }
+            )
+        groups.append(jobs)
+    results = run_all(interleave(groups), args)
+    selected = {}
+    for method in args.methods:
+        mine = [r for r in results if r["method"] == method and "failed" not in r]
+        best = max(mine, key=lambda r: r["best_val"])
+        selected[method] = best["config"]
+    out = {
+        "setting": _setting(args),
+        "budget_cpu_seconds": args.tune_budget,
+        "val_tasks": args.val_tasks,
+        "grids": {m: GRIDS[m] for m in args.methods},
+        "runs": results,
+        "selected": selected,
+        "command": " ".join(sys.argv),
+    }
+    path = RESULTS / f"fair_tuning_{_setting(args)}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"selected: {json.dumps(selected)}\nwrote {path}")
+
+
+def final(args: argparse.Namespace) -> None:
+    """Stage 2: the selected configurations (and extra rows) over seeds, tested once."""
+    tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
+    rows = [(m, m, tuning["selected"][m]) for m in args.methods if m in tuning["selected"]]
+    for name, base, changes in EXTRA_ROWS:
+        if name in args.extra_rows:
+            config = {} if base == "paper" else dict(tuning["selected"][base])
+            rows.append((name, base if base != "paper" else "mrml", {**config, **changes}))
+    groups = []
+    for name, algo, config in rows:
+        jobs = []
+        for seed in range(args.seeds):
+            options = {
+                **_common(args),
+                "algo": algo,
+                **config,
+                "seed": seed,
+                "time_budget": args.budget,
+                "val_every_seconds": args.budget / args.validations,
+                "test_tasks": args.test_tasks,
+            }
+            run_dir = args.runs / f"final-{_setting(args)}-{name}-seed{seed}"
+            jobs.append(
+                {
+                    "name": f"final {name} seed {seed}",
+                    "row": name,
+                    "seed": seed,
+                    "config": config,
+                    "options": options,
+                    "run_dir": str(run_dir),
+                }
+            )
+        groups.append(jobs)
+    results = run_all(interleave(groups), args)
+    for r in results:
+        if "failed" not in r:
+            r["frozen_backbone"] = frozen_backbone_test(Path(r["run_dir"]), args)
+    path = RESULTS / f"fair_final_{_setting(args)}.json"
+    previous = json.loads(path.read_text())["runs"] if path.exists() and args.append else []
+    out = {
+        "setting": _setting(args),
+        "budget_cpu_seconds": args.budget,
+        "seeds": args.seeds,
+        "test_tasks": args.test_tasks,
+        "runs": previous + results,
+        "command": " ".join(sys.argv),
+    }
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def frozen_backbone_test(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The paper's protocol on the same best-validation checkpoint (``mrmeta eval``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "mrmeta",
+        "eval",
+        "--run",
+        str(run_dir),
+        "--protocol",
+        "frozen-backbone",
+        "--tasks",
+        str(args.test_tasks),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"failed": done.stderr.strip()[-400:]}
+    return {"stdout": done.stdout.strip().splitlines()[-1]}
+
+
+def cost(args: argparse.Namespace) -> None:
+    """Stage 3: s/it of mrml and ANIL at their defaults, interleaved, paired ratios."""
+    import torch
+
+    from mrmeta._factory import build_learner, build_model, build_optimizer
+    from mrmeta.config import TrainConfig
+    from mrmeta.data import TaskSampler, load_dataset
+
+    torch.set_num_threads(1)
+    train_split = load_dataset("omniglot", "train", root=args.data_root)
+    learners = {}
+    for algo in ("mrml", "anil"):
+        config = TrainConfig(algo=algo, ways=args.ways, shots=args.shots, queries=args.queries)
+        torch.manual_seed(0)
+        model = build_model(config, tuple(train_split.images.shape[-3:]))
+        learner = build_learner(config, model)
+        learners[algo] = (learner, build_optimizer(config, learner))
+    sampler = TaskSampler(train_split, args.ways, args.shots, args.queries, seed=0)
+    batches = [sampler.sample(args.meta_batch) for _ in range(args.cost_iterations)]
+    times: dict[str, list[float]] = {a: [] for a in learners}
+    for r in range(args.cost_rounds):
+        order = list(learners) if r % 2 == 0 else list(reversed(learners))
+        for algo in order:
+            learner, optimizer = learners[algo]
+            started = time.perf_counter()
+            for batch in batches:
+                learner.meta_step(batch, optimizer)
+            times[algo].append((time.perf_counter() - started) / len(batches))
+    ratios = [m / a for m, a in zip(times["mrml"], times["anil"], strict=True)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    out = {
+        "setting": _setting(args),
+        "rounds": args.cost_rounds,
+        "iterations_per_round": args.cost_iterations,
+        "seconds_per_iteration": times,
+        "ratio_median": statistics.median(ratios),
+        "ratio_quartiles": [q[0], q[2]],
+        "command": " ".join(sys.argv),
+    }
+    path = RESULTS / f"fair_cost_{_setting(args)}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(
+        f"mrml / ANIL s/it: median {out['ratio_median']:.3f} "
+        f"(quartiles {q[0]:.3f}-{q[2]:.3f}); wrote {path}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("tune", "final", "cost", "report"))
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=None)
+    parser.add_argument("--meta-batch", type=int, default=16)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--methods", nargs="+", default=list(GRIDS))
+    parser.add_argument("--extra-rows", nargs="*", default=[n for n, _, _ in EXTRA_ROWS])
+    parser.add_argument("--tune-budget", type=float, default=90.0)
+    parser.add_argument("--tune-validations", type=int, default=6)
+    parser.add_argument("--budget", type=float, default=600.0)
+    parser.add_argument("--validations", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--val-tasks", type=int, default=200)
+    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--append", action="store_true", help="final: keep earlier runs")
+    parser.add_argument("--cost-rounds", type=int, default=7)
+    parser.add_argument("--cost-iterations", type=int, default=5)
+    parser.add_argument("--runs", type=Path, default=Path("runs/fair"))
+    args = parser.parse_args()
+    if args.queries is None:  # 20-way: 5 queries per class, so an iteration costs about the same
+        args.queries = 15 if args.ways <= 5 else 5
+    args.runs.mkdir(parents=True, exist_ok=True)
+    if args.stage == "report":
+        from fair_report import report  # noqa: PLC0415 - the report needs matplotlib
+
+        report(args)
+        return
+    {"tune": tune, "final": final, "cost": cost}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

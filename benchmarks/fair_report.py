@@ -1,0 +1,218 @@
+"""The report of ``fair_comparison.py``: tables, targets with their margins, learning curves.
+
+Reads ``fair_{tuning,final,cost}_<setting>.json`` from benchmarks/results/ and writes
+``fair_<setting>.md`` (and ``.png`` when matplotlib is installed). Every number comes from those
+files; a target that is missed is printed with its margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SOLVE_TARGET = 1e-4
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _frozen(run: dict[str, Any]) -> float | None:
+    """The frozen-backbone test accuracy (a fraction) from ``mrmeta eval``'s result line."""
+    line = (run.get("frozen_backbone") or {}).get("stdout", "")
+    match = re.search(r"([0-9.]+)% ±", line)
+    return float(match.group(1)) / 100 if match else None
+
+
+def rows_of(final: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Successful final runs grouped by row name, in order of appearance."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for run in final["runs"]:
+        if "failed" not in run:
+            rows.setdefault(run["row"], []).append(run)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def first_time(curve: list[list[float]], threshold: float) -> float:
+    """First training CPU second with validation accuracy ≥ threshold (``inf``: never)."""
+    return next((s for s, acc in curve if acc >= threshold), math.inf)
+
+
+def summarise_row(runs: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    tests = [r["result"]["test_accuracy"] for r in runs]
+    frozen = [f for r in runs if (f := _frozen(r)) is not None]
+    times = [first_time(r["curve"], threshold) for r in runs]
+    return {
+        "seeds": len(runs),
+        "test": _mean_std(tests),
+        "test_ci95": [r["result"]["test_ci95"] for r in runs],
+        "frozen": _mean_std(frozen) if frozen else None,
+        "best_val": _mean_std([r["best_val"] for r in runs]),
+        "time_to_threshold": times,
+        "mean_time": statistics.mean(times),
+        "iterations": statistics.mean(r["iterations"] for r in runs),
+        "inner_grad_norm_max": max(
+            (r["inner_grad_norm_max"] for r in runs if r["inner_grad_norm_max"] is not None),
+            default=None,
+        ),
+        "inner_iterations_mean": _mean_or_none([r["inner_iterations_mean"] for r in runs]),
+        "config": runs[0]["config"],
+    }
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.mean(kept) if kept else None
+
+
+def targets(summary: dict[str, dict[str, Any]], cost: dict[str, Any] | None) -> list[str]:
+    """The issue's targets, each with whether it holds and its margin."""
+    mrml = summary.get("mrml")
+    if mrml is None:
+        return ["mrml has no final runs yet: no target can be checked"]
+    baselines = {
+        k: v for k, v in summary.items() if k in ("anil", "itd-bio", "maml", "fomaml", "imaml")
+    }
+    lines = []
+    for name, row in baselines.items():
+        gap = mrml["test"][0] - row["test"][0]
+        need = max(mrml["test"][1], row["test"][1])
+        verdict = "holds" if gap > need else ("tie" if abs(gap) <= need else "missed")
+        lines.append(
+            f"accuracy vs {name}: mrml {100 * mrml['test'][0]:.2f}% − {100 * row['test'][0]:.2f}% "
+            f"= {100 * gap:+.2f} points, needs > {100 * need:.2f} (larger seed std): {verdict}"
+        )
+    for name, row in baselines.items():
+        ahead = mrml["mean_time"] < row["mean_time"]
+        lines.append(
+            f"speed to 0.9 × mrml's best validation vs {name}: mrml {_secs(mrml['mean_time'])} "
+            f"against {_secs(row['mean_time'])} (mean over seeds): "
+            f"{'holds' if ahead else 'missed'}"
+        )
+    norm = mrml["inner_grad_norm_max"]
+    if norm is not None:
+        verdict = "holds" if norm <= SOLVE_TARGET else f"missed by {norm / SOLVE_TARGET:.1f}×"
+        lines.append(
+            f"solve quality: largest ‖∇φ g‖ over every mrml iteration and seed {norm:.2e} "
+            f"(target ≤ {SOLVE_TARGET:.0e}): {verdict}"
+        )
+    if cost is not None:
+        ratio = cost["ratio_median"]
+        q1, q3 = cost["ratio_quartiles"]
+        lines.append(
+            f"cost per iteration: mrml / ANIL s/it median of paired ratios {ratio:.3f} "
+            f"(quartiles {q1:.3f}–{q3:.3f}; target ≤ 1): "
+            f"{'holds' if ratio <= 1 else f'missed by {100 * (ratio - 1):.1f}%'}"
+        )
+    return lines
+
+
+def _secs(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value:.0f} s"
+
+
+def _pct(pair: tuple[float, float] | None) -> str:
+    return "—" if pair is None else f"{100 * pair[0]:.2f}% ± {100 * pair[1]:.2f}%"
+
+
+def markdown(setting: str, tuning: dict | None, final: dict, cost: dict | None) -> str:
+    rows = rows_of(final)
+    mrml_runs = rows.get("mrml", [])
+    threshold = 0.9 * statistics.mean(r["best_val"] for r in mrml_runs) if mrml_runs else math.nan
+    summary = {name: summarise_row(runs, threshold) for name, runs in rows.items()}
+    out = [f"# Fair comparison, Omniglot {setting} (Lake split)", ""]
+    out += [f"Command: `{final['command']}`", ""]
+    out += [
+        f"{final['seeds']} seeds per row, {final['budget_cpu_seconds']:.0f} CPU seconds of "
+        f"training per run (one thread each, two runs at a time), test on "
+        f"{final['test_tasks']} tasks with the best-validation checkpoint. Threshold for the "
+        f"speed target: 0.9 × mrml's mean best validation accuracy = {100 * threshold:.2f}%.",
+        "",
+        "| row | configuration (tuned on validation) | iterations | best val | test, native "
+        "(mean ± std over seeds) | per-seed 95% CI | test, frozen backbone | CPU s to threshold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        cis = ", ".join(f"±{100 * c:.2f}" for c in row["test_ci95"])
+        times = ", ".join(_secs(t) for t in row["time_to_threshold"])
+        out.append(
+            f"| {name} | `{json.dumps(row['config'])}` | {row['iterations']:.0f} | "
+            f"{_pct(row['best_val'])} | {_pct(row['test'])} | {cis} | {_pct(row['frozen'])} | "
+            f"{times} |"
+        )
+    out += ["", "Targets:", ""] + [f"- {line}" for line in targets(summary, cost)]
+    if "mrml" in summary and summary["mrml"]["inner_iterations_mean"] is not None:
+        out += [
+            "",
+            f"mrml's Newton iterations per task, mean: "
+            f"{summary['mrml']['inner_iterations_mean']:.2f}",
+        ]
+    if tuning is not None:
+        out += [
+            "",
+            "## Tuning (validation split only)",
+            "",
+            f"Command: `{tuning['command']}`; {tuning['budget_cpu_seconds']:.0f} CPU seconds "
+            f"per configuration, seed 0, best validation accuracy on {tuning['val_tasks']} "
+            "validation tasks.",
+            "",
+            "| method | configuration | iterations | best val |",
+            "|---|---|---|---|",
+        ]
+        for run in tuning["runs"]:
+            best = "failed" if "failed" in run else f"{100 * run['best_val']:.2f}%"
+            chosen = " (selected)" if tuning["selected"].get(run["method"]) == run["config"] else ""
+            out.append(
+                f"| {run['method']} | `{json.dumps(run['config'])}`{chosen} | "
+                f"{run.get('iterations', '—')} | {best} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def plot(final: dict, path: Path) -> None:
+    try:
+        import matplotlib.figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return
+    figure = matplotlib.figure.Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, runs in rows_of(final).items():
+        for i, run in enumerate(runs):
+            xs, ys = zip(*run["curve"], strict=True) if run["curve"] else ((), ())
+            axes.plot(
+                xs,
+                ys,
+                label=name if i == 0 else None,
+                color=f"C{list(rows_of(final)).index(name)}",
+                alpha=0.8,
+            )
+    axes.set_xlabel("training CPU seconds")
+    axes.set_ylabel("validation accuracy")
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def report(args: argparse.Namespace) -> None:
+    setting = f"{args.ways}way{args.shots}shot"
+    final = _load(f"fair_final_{setting}.json")
+    if final is None:
+        raise SystemExit(f"no fair_final_{setting}.json yet: run the final stage first")
+    text = markdown(
+        setting, _load(f"fair_tuning_{setting}.json"), final, _load(f"fair_cost_{setting}.json")
+    )
+    (RESULTS / f"fair_{setting}.md").write_text(text)
+    plot(final, RESULTS / f"fair_{setting}.png")
+    print(text)
