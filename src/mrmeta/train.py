@@ -58,7 +58,7 @@ class Progress:
     train_seconds: float = 0.0
     skipped_in_row: int = 0
     train_cpu_seconds: float = 0.0
-    next_timed_validation: float = 0.0
+    timed_validations: int = 0
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -310,10 +310,12 @@ class TrainingRun:
     def _timed_validation_due(self) -> bool:
         """Whether ``--val-every-seconds`` of training passed since the last timed validation."""
         interval = self.config.val_every_seconds
-        if interval is None or self._spent() < self.progress.next_timed_validation:
+        if interval is None:
             return False
-        while self.progress.next_timed_validation <= self._spent():
-            self.progress.next_timed_validation += interval
+        marks = math.floor(self._spent() / interval)  # whole intervals trained so far
+        if marks <= self.progress.timed_validations:
+            return False
+        self.progress.timed_validations = marks
         return True
 
     def _after_step(self, log: MetricsLog | None, record: dict[str, Any]) -> None:
