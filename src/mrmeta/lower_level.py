@@ -43,6 +43,7 @@ from mrmeta.implicit import conjugate_gradient
 from mrmeta.inner import gradient_steps
 
 SOLVERS = ("newton", "gd")
+CG_CAP = 100  # Newton-CG's iterations per direction for heads without closed forms
 Solver = Literal["newton", "gd"]
 
 
@@ -551,9 +552,12 @@ class _AutogradCurvature(Curvature):
         return grads[0], dict(zip(self.center, grads[1:], strict=True))
 
     def solve(self, rhs: Mapping[str, Tensor]) -> TensorDict:
+        """Truncated CG (Newton-CG): to a residual of ``10⁻³ ‖rhs‖``, at most
+        ``min(dim φ, CG_CAP)`` iterations — an inexact Newton direction, still a descent one."""
         size = sum(t[0].numel() for t in rhs.values())
         scale = float(tree_norm(rhs, batched=True).min())
-        result = conjugate_gradient(self.hvp, rhs, iters=size, tol=1e-3 * scale, batched=True)
+        iters = min(size, CG_CAP)
+        result = conjugate_gradient(self.hvp, rhs, iters=iters, tol=1e-3 * scale, batched=True)
         return {k: t.detach() for k, t in result.solution.items()}
 
 
