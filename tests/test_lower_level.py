@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev
 
-from mrmeta.implicit import head_hypergradient
 from mrmeta.lower_level import (
     AutogradHeadProblem,
     LinearHeadProblem,
+    head_hypergradient,
     head_problem,
     newton_solve,
     solve_lower_level,

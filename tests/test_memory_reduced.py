@@ -381,3 +381,52 @@ def test_peak_memory_does_not_grow_with_inner_steps() -> None:
     # The K inner steps keep no graph: 80× more steps, same peak within 2% (a graph kept through
     # the steps grows it by about 0.03% a step here, 12% over the 395 extra steps).
     assert peaks[400] == pytest.approx(peaks[5], rel=0.02)
+
+
+class _FailsOnSecondCall(nn.Module):
+    """A backbone that raises on its second call (the second chunk of a batch)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == 3:  # support and query of chunk 1 pass; chunk 2 fails
+            raise RuntimeError("planted failure")
+        return self.inner(x)
+
+
+def test_a_batch_that_fails_part_way_leaves_no_warm_start_behind() -> None:
+    backbone, head, batch = _setup("conv4")
+    learner = MemoryReduced(
+        _FailsOnSecondCall(backbone), head, l2=0.1, warm_start_head=True, chunk_size=2
+    )
+    optimizer = torch.optim.SGD(learner.meta_parameters(), lr=ETA)
+    with pytest.raises(RuntimeError, match="planted"):
+        learner.meta_step(batch, optimizer)
+    assert learner.slots.pending == [] and learner.slots.heads is None
+    learner.meta_step(batch, optimizer)  # the next batch starts cleanly: slots 0..3, not 2..5
+    assert learner.slots.heads["weight"].shape[0] == TASKS
+    learner.reset_state()
+    assert learner.slots.heads is None and learner.slots.pending == []
+
+
+def test_non_finite_features_skip_the_step_before_any_linear_algebra() -> None:
+    backbone, head, batch = _setup("conv4")
+    bad = TaskBatch(batch.support_x * float("nan"), batch.support_y, batch.query_x, batch.query_y)
+    for solver in ("newton", "gd"):
+        learner = MemoryReduced(backbone, head, inner_solver=solver, l2=0.1, inner_steps=3)
+        before = _learner_params(learner, False)
+        stats = learner.meta_step(bad, torch.optim.SGD(learner.meta_parameters(), lr=ETA))
+        assert stats.skipped
+        for a, b in zip(before, _learner_params(learner, False), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_meta_step_names_the_expected_batch_type() -> None:
+    backbone, head, batch = _setup("mlp")
+    learner = MemoryReduced(backbone, head, l2=0.1)
+    optimizer = torch.optim.SGD(learner.meta_parameters(), lr=ETA)
+    with pytest.raises(TypeError, match="TaskBatch.*got dict"):
+        learner.meta_step(dict(zip(("sx", "sy", "qx", "qy"), batch.fields())), optimizer)

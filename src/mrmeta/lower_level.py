@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrmeta._per_task import batched_head_forward, check_loss_name, task_losses
-from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_norm, tree_where
+from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_norm, tree_where, tree_zeros_like
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.implicit import conjugate_gradient
+from mrmeta.implicit import CGResult, conjugate_gradient
 from mrmeta.inner import gradient_steps
 
 SOLVERS = ("newton", "gd")
@@ -576,6 +576,75 @@ def head_problem(
     if isinstance(head, nn.Linear) and head.bias is not None:
         return LinearHeadProblem(features, labels, center, l2, loss)
     return AutogradHeadProblem(head, features, labels, center, l2, loss)
+
+
+# --------------------------------------------------------------------------- Algorithm 1
+
+
+@dataclass(frozen=True)
+class HeadHypergradient:
+    """Outcome of :func:`head_hypergradient` for a chunk of ``T`` tasks.
+
+    Attributes:
+        support: ``∂F_t/∂Z_s = −∂/∂Z_s ⟨∇_φ g_t, v_t⟩``, ``(T, n, d)``.
+        query: ``∂F_t/∂Z_q = ∇_{Z_q} f_t``, ``(T, m, d)``.
+        center: ``∂F_t/∂c = μ v_t`` (the head's start, when it is meta-learned), shaped like ``φ``.
+        v: CG's solution ``v_t ≈ [∇²_φ g_t]⁻¹ ∇_φ f_t`` (``None`` when ``cg_iters = 0``).
+        cg: the :class:`CGResult` (``None`` when ``cg_iters = 0``).
+    """
+
+    support: Tensor
+    query: Tensor
+    center: TensorDict
+    v: TensorDict | None
+    cg: CGResult | None
+
+
+def head_hypergradient(
+    problem: HeadProblem,
+    phi: Mapping[str, Tensor],
+    query: Tensor,
+    query_labels: Tensor,
+    *,
+    cg_iters: int,
+    v0: Mapping[str, Tensor] | None = None,
+    tol: float = 0.0,
+) -> HeadHypergradient:
+    r"""Algorithm 1's hypergradient of every task of a chunk, with respect to its features.
+
+    The upper and lower levels see the backbone ``θ`` only through the features ``Z_s, Z_q``
+    (and the head's start ``c`` when it is learned), so the implicit function theorem at
+    ``φ_t ≈ φ_t*`` gives, per task::
+
+        v_t = [∇²_φ g_t]⁻¹ ∇_φ f_t                          (N CG steps from v0)
+        ∂F_t/∂Z_q = ∇_{Z_q} f_t,    ∂F_t/∂(Z_s, c) = −∂/∂(Z_s, c) ⟨∇_φ g_t, v_t⟩
+
+    and one ordinary backward pass of the backbone carries these into ``θ``. ``cg_iters = 0``
+    drops the implicit term (only ``∇_{Z_q} f``).
+
+    Args:
+        problem: the chunk's lower level.
+        phi: the lower-level solution, ``(T, *param_shape)`` per name.
+        query: ``(T, m, d)`` query features (detached).
+        query_labels: ``(T, m)`` (or ``(T, m, C)`` targets).
+        cg_iters: ``N ≥ 0``.
+        v0: CG's warm start, shaped like ``phi``.
+        tol: CG stops once every residual is ``≤ tol``.
+
+    Returns:
+        A :class:`HeadHypergradient`.
+    """
+    check_positive_int("cg_iters", cg_iters, minimum=0)
+    grad_query, grad_phi = problem.outer_gradient(phi, query, query_labels)
+    if cg_iters == 0:
+        zeros = tree_zeros_like(dict(phi))
+        return HeadHypergradient(torch.zeros_like(problem.features), grad_query, zeros, None, None)
+    curvature = problem.curvature(phi)
+    cg = conjugate_gradient(curvature.hvp, grad_phi, v0, iters=cg_iters, tol=tol, batched=True)
+    v = {k: t.detach() for k, t in cg.solution.items()}
+    mixed_support, mixed_center = curvature.mixed_vjp(v)
+    center = {k: -t.detach() for k, t in mixed_center.items()}
+    return HeadHypergradient(-mixed_support.detach(), grad_query.detach(), center, v, cg)
 
 
 # --------------------------------------------------------------------------- the solvers

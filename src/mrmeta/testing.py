@@ -20,7 +20,7 @@ Two independent ways of getting the hypergradient live here:
   parameterisation written from scratch (it shares no code with the algorithm);
 * :func:`estimate_hypergradient` — Algorithm 1 (PAPER.md §2) on the product's own path:
   ``K`` gradient steps at step ``1/L_i`` per task (:func:`mrmeta.lower_level.solve_lower_level`),
-  ``N`` steps of conjugate gradient in :func:`mrmeta.implicit.head_hypergradient`, warm starts
+  ``N`` steps of conjugate gradient in :func:`mrmeta.lower_level.head_hypergradient`, warm starts
   of ``φ`` and ``v`` kept per task in :class:`WarmStarts`.
 
 :func:`run_algorithm1` iterates ``θ ← θ − λ_θ ĝ`` on full or sampled task batches and records
@@ -52,8 +52,12 @@ from torch.func import grad, jacrev, vmap
 
 from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.implicit import head_hypergradient
-from mrmeta.lower_level import LinearHeadProblem, linear_head_lipschitz, solve_lower_level
+from mrmeta.lower_level import (
+    LinearHeadProblem,
+    head_hypergradient,
+    linear_head_lipschitz,
+    solve_lower_level,
+)
 
 KINDS = {"logistic": "cross_entropy", "ridge": "mse"}
 
@@ -394,7 +398,7 @@ def estimate_hypergradient(
     The product's own path: the features ``Z = tanh(XA)`` of the visited tasks, ``K`` gradient
     steps of size ``1/L_i`` from the warm start (or 0) by
     :func:`mrmeta.lower_level.solve_lower_level`, ``v_i`` and the feature gradients by
-    :func:`mrmeta.implicit.head_hypergradient` (``N`` CG steps from the warm start or 0), and
+    :func:`mrmeta.lower_level.head_hypergradient` (``N`` CG steps from the warm start or 0), and
     one backward pass of the feature map into ``A``. ``memory`` is updated in place with the
     new ``φ^K`` and ``v`` of the visited tasks.
 

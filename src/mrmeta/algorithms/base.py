@@ -166,7 +166,8 @@ class ChunkedLearner(MetaLearner):
 
     Subclasses implement :meth:`_chunk_meta_gradient` (accumulate one chunk's share of the
     meta-gradient, return its statistics) and :meth:`_chunk_predict`; :meth:`_end_batch` runs
-    after the last chunk (e.g. to keep per-slot warm starts).
+    after the last chunk (e.g. to keep per-slot warm starts), :meth:`_discard_batch` instead
+    when a chunk raised.
 
     Args:
         chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
@@ -190,12 +191,19 @@ class ChunkedLearner(MetaLearner):
     def _end_batch(self) -> None:
         """Called after the last chunk of :meth:`compute_meta_gradient`; a no-op by default."""
 
+    def _discard_batch(self) -> None:
+        """Called instead of :meth:`_end_batch` when a chunk raised; a no-op by default."""
+
     def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
         """The method's meta-gradient of the batch's mean query loss, added to ``.grad``."""
         sizes, per_chunk = [], []
-        for chunk in batch.chunks(self.chunk_size):
-            per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks))
-            sizes.append(chunk.num_tasks)
+        try:
+            for chunk in batch.chunks(self.chunk_size):
+                per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks))
+                sizes.append(chunk.num_tasks)
+        except BaseException:
+            self._discard_batch()
+            raise
         self._end_batch()
         return StepStats(**combine_chunk_stats(per_chunk, sizes))
 

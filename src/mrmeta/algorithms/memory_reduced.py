@@ -12,9 +12,9 @@ from mrmeta._per_task import batched_head_forward, task_features
 from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.algorithms._head_learner import HeadLearner, non_finite_features, solve_stats
-from mrmeta.algorithms.base import ChunkStats, StepStats, accumulate_grad, query_stats
-from mrmeta.implicit import CGResult, head_hypergradient
-from mrmeta.lower_level import Solver
+from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
+from mrmeta.implicit import CGResult
+from mrmeta.lower_level import Solver, head_hypergradient
 from mrmeta.tasks import TaskBatch
 
 
@@ -30,7 +30,7 @@ class MemoryReduced(HeadLearner):
       inner_tol`` (default), or ``K`` plain gradient steps (``inner_solver="gd"``, the paper's);
     * upper level ``f_i(θ, φ) = L(head_φ(Z_q), y_q)``;
     * the meta-gradient is the implicit hypergradient at that ``φ_i``
-      (:func:`mrmeta.implicit.head_hypergradient`), with ``v_i = [∇²_φ g_i]⁻¹ ∇_φ f_i`` from
+      (:func:`mrmeta.lower_level.head_hypergradient`), with ``v_i = [∇²_φ g_i]⁻¹ ∇_φ f_i`` from
       ``N`` CG steps, averaged over the batch: ``ĝ = (1/B) Σ_i [∇_θ f_i − ∇²_{θφ} g_i · v_i]``.
 
     Because ``f`` and ``g`` see ``θ`` only through the features, the hypergradient is taken
@@ -130,14 +130,6 @@ class MemoryReduced(HeadLearner):
         """Drop the warm starts (e.g. after a non-finite step)."""
         self.slots.clear()
 
-    def compute_meta_gradient(self, batch: TaskBatch) -> StepStats:
-        """:meth:`ChunkedLearner.compute_meta_gradient`; a batch that fails part-way leaves no
-        half-recorded warm starts behind."""
-        try:
-            return super().compute_meta_gradient(batch)
-        finally:
-            self.slots.drop_pending()
-
     def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
         """Features → lower-level solve → hypergradient → one backward pass of the backbone."""
         zs = task_features(self.backbone, chunk.support_x)
@@ -167,6 +159,10 @@ class MemoryReduced(HeadLearner):
     def _end_batch(self) -> None:
         """Keep this batch's ``φ`` and ``v`` per slot for the next iteration's warm starts."""
         self.slots.end_batch(keep_heads=self.warm_start_head, keep_v=self.warm_start_cg)
+
+    def _discard_batch(self) -> None:
+        """A batch that failed part-way leaves no half-recorded warm starts behind."""
+        self.slots.drop_pending()
 
     # ----------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:
