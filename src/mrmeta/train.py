@@ -427,6 +427,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _same_setting(given: Any, saved: Any) -> bool:
+    """``given == saved``, where a bool equals only a bool (``1`` is not ``True``)."""
+    if isinstance(given, bool) or isinstance(saved, bool):
+        return type(given) is type(saved) and given == saved
+    return bool(given == saved)
+
+
 def saved_config(folder: RunFolder) -> TrainConfig:
     """The configuration of the run in ``folder``: its ``last.pt``'s (identity checked), or
     ``config.json``'s when the run was stopped before it wrote a checkpoint."""
@@ -457,11 +464,14 @@ def resumed_config(
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
     saved = saved_config(folder)
     requested = {k.replace("-", "_"): v for k, v in (requested or {}).items()}
-    given = TrainConfig.from_dict({**saved.to_dict(), **requested}, source="--resume")
+    kept = saved.to_dict()
+    unknown = {k: v for k, v in requested.items() if k not in kept}
+    if unknown:
+        TrainConfig.from_dict(unknown, source="--resume")  # raises, naming the unknown key
     changed = [
-        f"{_flag(name)} {getattr(saved, name)!r} -> {getattr(given, name)!r}"
-        for name in requested
-        if name not in RESUME_OVERRIDES and getattr(given, name) != getattr(saved, name)
+        f"{_flag(name)} {kept[name]!r} -> {value!r}"
+        for name, value in requested.items()
+        if name not in RESUME_OVERRIDES and not _same_setting(value, kept[name])
     ]
     if changed:
         raise ConfigError(
@@ -469,7 +479,9 @@ def resumed_config(
             f"{', '.join(changed)} (only {', '.join(map(_flag, RESUME_OVERRIDES))} can). Start a "
             "new run to change the others"
         )
-    return given.replace(data_root=data_root_for(requested.get("data_root"), saved.data_root))
+    overrides = {k: v for k, v in requested.items() if k in RESUME_OVERRIDES}
+    overrides["data_root"] = data_root_for(requested.get("data_root"), saved.data_root)
+    return TrainConfig.from_dict({**kept, **overrides}, source="--resume")
 
 
 def train(
