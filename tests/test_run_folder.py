@@ -358,10 +358,12 @@ def test_a_folder_without_a_checkpoint_can_be_resumed_or_restarted(tmp_path: Pat
     out = tmp_path / "run"
     _new_run(out, capsys)
     _strand(out)
+    (out / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     code, _, err = _run(["train", "--out", out, "--resume", "--quiet"], capsys)
     assert code == 0, err
     assert _train_iterations(out) == [1, 2]
     _strand(out)
+    (out / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     _new_run(out, capsys, "--seed", "5")  # or overwrite it with a new run
     assert json.loads((out / "config.json").read_text())["seed"] == 5
     assert _train_iterations(out) == [1, 2]
@@ -456,3 +458,30 @@ def test_evaluate_run_touches_no_global_state_and_matches_the_final_test(
         torch.set_num_threads(threads)
     saved = json.loads((out / "result.json").read_text())
     assert result.mean == saved["test_accuracy"] and result.checkpoint is not None
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_an_interrupt_while_loading_data_leaves_a_folder_the_same_command_reuses(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import mrmeta.train as train_module
+
+    def interrupted(config, split: str):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "load_split", interrupted)
+        code, _, err = _run(["train", *SMALL, *DATA, "--out", out, "--quiet"], capsys)
+    assert code == 130 and "nothing was trained: run the same command again" in err
+    _new_run(out, capsys)
+
+
+def test_nonfinite_tensors_names_each_bad_tensor() -> None:
+    tree = {
+        "a": torch.tensor([1.0, float("nan")]),
+        "b": {"c": torch.tensor([float("inf")]), "d": torch.tensor([2])},
+        "e": [torch.zeros(2), "text"],
+    }
+    assert nonfinite_tensors(tree) == ["a", "b.c"]

@@ -51,6 +51,11 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def _is_temporary(name: str) -> bool:
+    """A temporary file of an atomic write (``.last.pt.<random>.tmp``) a kill left behind."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors in a nested dict/list that hold a NaN or an inf."""
     if isinstance(tree, torch.Tensor):
@@ -105,7 +110,7 @@ class RunFolder:
                 f"--out {self.path} already exists and is not empty; pass --resume to continue "
                 "that run, or choose a new --out folder"
             )
-        unknown = present - set(RUN_FILES) - {TENSORBOARD}
+        unknown = {n for n in present - set(RUN_FILES) - {TENSORBOARD} if not _is_temporary(n)}
         if unknown:
             raise RunFolderError(
                 f"--out {self.path} holds a run without a checkpoint and other files "
@@ -171,6 +176,9 @@ class RunFolder:
         for name in RUN_FILES:
             with contextlib.suppress(OSError):
                 self.file(name).unlink(missing_ok=True)
+        for temporary in self.path.glob(".*.tmp"):  # left by a write that failed mid-way
+            with contextlib.suppress(OSError):
+                temporary.unlink()
         shutil.rmtree(self.file(TENSORBOARD), ignore_errors=True)
         if self._created:
             with contextlib.suppress(OSError):

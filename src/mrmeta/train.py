@@ -364,7 +364,7 @@ class TrainingRun:
                     "accuracy": result.mean,
                     "ci95": result.ci95,
                     "train_seconds": self.progress.train_seconds,
-                }
+                },
             )
             if result.mean > self.progress.best_val:
                 self.progress.best_val = result.mean
@@ -621,22 +621,26 @@ def _train_locked(run: TrainingRun, ctx: DistContext, *, resume: bool) -> dict[s
 def _interrupted(
     folder: RunFolder, run: TrainingRun | None, err: KeyboardInterrupt, ctx: DistContext
 ) -> TrainingInterrupted:
-    """Where the run stopped and how to continue it, in one line."""
+    """Where the run stopped, what is intact, and how to continue it, in one line."""
     name, number = ("SIGTERM", 15) if isinstance(err, _Terminated) else ("SIGINT", 2)
     where = "before training started" if run is None else f"at iteration {run.progress.iteration}"
-    how = (
+    resume = (
         "relaunch the same torchrun command with --resume"
         if ctx.enabled
         else f"mrmeta train --out {shlex.quote(str(folder.path))} --resume"
     )
-    if folder.saved_iteration is None:
+    if folder.saved_iteration is not None:
+        intact = folder.last_good()
+    elif folder.has_checkpoint():
+        intact = f"The checkpoint {folder.file(LAST)} is intact"
+    elif folder.file(CONFIG_FILE).exists():
+        intact = "No checkpoint was written yet (it starts again from iteration 0)"
+    else:
         return TrainingInterrupted(
-            f"stopped by {name} {where}; no checkpoint was written, so run the same command again"
-            f" (or {how})",
-            number,
+            f"stopped by {name} {where}; nothing was trained: run the same command again", number
         )
     return TrainingInterrupted(
-        f"stopped by {name} {where}; {folder.last_good()}: continue with '{how}'", number
+        f"stopped by {name} {where}; {intact}: continue with '{resume}'", number
     )
 
 
