@@ -273,7 +273,7 @@ def test_resume_may_extend_a_finished_run_but_not_change_it(tmp_path: Path, caps
     out = tmp_path / "run"
     assert _run(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys)[0] == 0
     code, _, err = _run(["train", "--out", str(out), "--resume", "--ways", "4"], capsys)
-    assert code == 2 and "ways cannot change" in err
+    assert code == 2 and "cannot change: --ways 3 -> 4" in err
     code, _, err = _run(
         ["train", "--out", str(out), "--resume", "--iterations", "4", "--quiet"], capsys
     )

@@ -429,4 +429,5 @@ def test_meta_step_names_the_expected_batch_type() -> None:
     learner = MemoryReduced(backbone, head, l2=0.1)
     optimizer = torch.optim.SGD(learner.meta_parameters(), lr=ETA)
     with pytest.raises(TypeError, match="TaskBatch.*got dict"):
-        learner.meta_step(dict(zip(("sx", "sy", "qx", "qy"), batch.fields())), optimizer)
+        fields = dict(zip(("sx", "sy", "qx", "qy"), batch.fields(), strict=True))
+        learner.meta_step(fields, optimizer)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mrmeta.config import ConfigError
+from mrmeta.errors import CheckpointError
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -43,7 +43,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume") from err
     except Exception as err:  # a corrupt or foreign file: say so in one line
-        raise ConfigError(
+        raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it is damaged or "
             "not an mrmeta checkpoint"
@@ -60,7 +60,8 @@ class MetricsLog:
     """Append-only JSON lines (``metrics.jsonl``), plus TensorBoard scalars when installed.
 
     On resume the lines past the checkpoint's iteration are dropped, so the log of a resumed
-    run is the log of an uninterrupted one.
+    run is the log of an uninterrupted one; so is a torn last line (a run killed while it
+    wrote it).
     """
 
     def __init__(self, run_dir: Path, *, resume_iteration: int | None = None) -> None:
@@ -74,9 +75,9 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iteration", 0) <= iteration
+            json.dumps(record, sort_keys=True)
+            for record in read_metrics(self.path)
+            if record.get("iteration", 0) <= iteration
         ]
         write_json_lines(self.path, kept)
 
@@ -104,8 +105,24 @@ def write_json_lines(path: Path, lines: list[str]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All records of a ``metrics.jsonl``, without a torn last line (a kill mid-write).
+
+    Raises:
+        CheckpointError: a line other than the last is not JSON (the file was edited or damaged).
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn by a kill while it was written: drop it
+                break
+            raise CheckpointError(
+                f"{path} line {number} is not JSON; the metrics log is damaged (delete that line "
+                "to continue)"
+            ) from None
+    return records
 
 
 def _tensorboard_writer(log_dir: Path) -> Any:

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, ConfigError, TrainConfig, read_toml
+from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, TrainConfig, read_toml
+from mrmeta.errors import (
+    DataError,
+    MrmetaError,
+    OutOfMemory,
+    RunWriteError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 
 HELP = {
     "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
@@ -136,9 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train, validate, test")
-    train.add_argument("--out", required=True, type=Path, help="run folder (must be new)")
+    train.add_argument(
+        "--out", required=True, type=Path, help="run folder (new, or the run to --resume)"
+    )
     train.add_argument("--config", type=Path, help="TOML file whose keys match the flags")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (settings given again must equal the saved ones)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
     evaluate = commands.add_parser("eval", help="test a trained run")
@@ -149,26 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--device", choices=("cpu", "cuda"), help="where to evaluate (default: the run's device)"
     )
+    evaluate.add_argument(
+        "--data-root",
+        help="where the data is now (default: the run's, else $MRMETA_DATA, else ~/.cache/mrmeta)",
+    )
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, overridden by the TOML file, overridden by the flags."""
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command gave: the TOML file's, overridden by the flags typed."""
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(read_toml(args.config))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig.from_dict(values, source=str(args.config or "flags"))
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, overridden by the TOML file, overridden by the flags."""
+    return TrainConfig.from_dict(given_settings(args), source=str(args.config or "flags"))
 
 
 def _run_train(args: argparse.Namespace) -> None:
     from mrmeta.train import train
 
-    if args.resume:
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        overrides = {k: v for k, v in vars(args).items() if k in names}
-        result = train(None, args.out, resume=True, overrides=overrides, progress=not args.quiet)
+    if args.resume:  # what is given again must match the run (see mrmeta.train.resumed_config)
+        settings = given_settings(args)
+        result = train(None, args.out, resume=True, overrides=settings, progress=not args.quiet)
     else:
         result = train(config_from_args(args), args.out, progress=not args.quiet)
     if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
@@ -193,15 +216,15 @@ def _run_eval(args: argparse.Namespace) -> None:
         protocol=args.protocol,
         checkpoint=args.checkpoint,
         device=args.device,
+        data_root=args.data_root,
+        progress=not args.quiet,
     )
     print(f"test accuracy: {result}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. User mistakes print one line, no traceback."""
-    from mrmeta.data import DataError
     from mrmeta.distributed import DistributedError
-    from mrmeta.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
@@ -209,16 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_train(args)
         else:
             _run_eval(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"mrmeta: error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, DistributedError) as err:
+    except TrainingInterrupted as err:
+        print(f"mrmeta: {err}", file=sys.stderr)
+        return 128 + err.signal_number
+    except (TrainingDiverged, DistributedError, RunWriteError, OutOfMemory) as err:
         print(f"mrmeta: error: {err}", file=sys.stderr)
         return 1
+    except (MrmetaError, DataError, FileNotFoundError) as err:
+        print(f"mrmeta: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(
-            "mrmeta: interrupted; continue with 'mrmeta train --out DIR --resume'", file=sys.stderr
-        )
+        print("mrmeta: interrupted", file=sys.stderr)
         return 130
     return 0
 

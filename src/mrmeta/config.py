@@ -15,15 +15,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A bad configuration value or file; the message says which key and what is allowed."""
-
+from mrmeta.errors import ConfigError  # re-exported: ``mrmeta.config.ConfigError`` stays
+from mrmeta.evaluate import PROTOCOLS  # the evaluation layer owns its protocol names
 
 ALGORITHMS = ("mrml", "maml", "fomaml", "anil", "itd-bio", "imaml")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
-PROTOCOLS = ("native", "frozen-backbone")
 DTYPES = ("float32", "float64")
 INNER_SOLVERS = ("newton", "gd")
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mrmeta.config import ConfigError
+from mrmeta.errors import ConfigError, MrmetaError
 
 RANK_SEED_STRIDE = 1000
 """Rank ``r``'s task sampler is seeded with ``seed + RANK_SEED_STRIDE * r``."""
@@ -38,7 +38,7 @@ RANK_SEED_STRIDE = 1000
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MrmetaError, RuntimeError):
     """A collective failed: another rank died, hung past the timeout, or this rank was stopped."""
 
 
@@ -235,18 +235,21 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
 
 
 def check_on_main(check: Callable[[], None], ctx: DistContext) -> None:
-    """Run ``check`` on rank 0; a :class:`ConfigError` it raises is raised on every rank."""
-    message = None
+    """Run ``check`` on rank 0; a :class:`~mrmeta.errors.MrmetaError` it raises is raised on
+    every rank (as itself on rank 0, as a :class:`ConfigError` with its message elsewhere)."""
+    message, failure = None, None
     if ctx.is_main:
         try:
             check()
-        except ConfigError as err:
-            message = str(err)
+        except MrmetaError as err:
+            message, failure = str(err), err
     if ctx.enabled:
         box = [message]
         with collective(ctx.rank, "sharing rank 0's checks"):
             dist.broadcast_object_list(box, src=0)
         message = box[0]
+    if failure is not None:
+        raise failure
     if message is not None:
         raise ConfigError(message)
 

@@ -8,30 +8,36 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from mrmeta._per_task import batched_head_forward, task_accuracies, task_features, task_losses
 from mrmeta.algorithms.base import MetaLearner
-from mrmeta.config import PROTOCOLS
 from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
+
+PROTOCOLS = ("native", "frozen-backbone")
+"""Test protocols: the method's own adaptation, or a linear head on the frozen backbone."""
 
 
 @dataclass(frozen=True)
 class EvalResult:
     """Accuracy over ``tasks`` tasks: mean, standard deviation and the 95% CI half-width
-    ``1.96 · std / √tasks`` (fractions in ``[0, 1]``)."""
+    ``1.96 · std / √tasks`` (fractions in ``[0, 1]``); ``checkpoint`` names the file the
+    parameters came from when a saved run was tested."""
 
     mean: float
     std: float
     ci95: float
     tasks: int
     protocol: str
+    checkpoint: str | None = None
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}% "
             f"(95% CI, {self.tasks} tasks, {self.protocol})"
         )
+        return text if self.checkpoint is None else f"{text}; tested {self.checkpoint}"
 
     @classmethod
     def from_accuracies(cls, accuracies: Tensor, protocol: str) -> EvalResult:
@@ -92,6 +98,7 @@ def evaluate(
     batch_size: int = 32,
     protocol: str = "native",
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> EvalResult:
     """Accuracy of ``learner`` on ``tasks`` tasks drawn by ``sample(batch_size)``.
 
@@ -104,15 +111,19 @@ def evaluate(
             it, so compare methods with the same value).
         protocol: ``"native"`` (the method's own adaptation) or ``"frozen-backbone"``.
         device: where to run.
+        progress: show a progress bar (tasks done of ``tasks``) on stderr.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     accuracies = []
     remaining = tasks
-    while remaining > 0:
-        batch = sample(min(batch_size, remaining)).to(device)
-        accuracies.append(task_accuracies(_predict(learner, batch, protocol), batch.query_y).cpu())
-        remaining -= batch.num_tasks
+    with tqdm(total=tasks, disable=not progress, desc="eval", unit="task") as bar:
+        while remaining > 0:
+            batch = sample(min(batch_size, remaining)).to(device)
+            predictions = _predict(learner, batch, protocol)
+            accuracies.append(task_accuracies(predictions, batch.query_y).cpu())
+            remaining -= batch.num_tasks
+            bar.update(batch.num_tasks)
     return EvalResult.from_accuracies(torch.cat(accuracies), protocol)
 
 

@@ -1,11 +1,23 @@
-"""The outer loop: sampling, meta-steps, validation, checkpoints, logging, the final test."""
+"""The training loop: sampling, meta-steps, validation, checkpoints, logging, the final test.
+
+The run folder (lock, identity, checkpoints, metrics) is :mod:`mrmeta._run_folder`; testing a
+saved run is :mod:`mrmeta._run_eval`. This module holds :class:`TrainingRun` (one run's state
+and its loop) and :func:`train`, which opens the folder, resumes or starts, trains and tests.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import resource
+import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,17 +25,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mrmeta._checkpoint import (
-    MetricsLog,
-    load_checkpoint,
-    read_metrics,
-    save_checkpoint,
-    write_json,
-)
+from mrmeta._checkpoint import MetricsLog, read_metrics
 from mrmeta._factory import build_learner, build_model, build_optimizer
+from mrmeta._run_eval import (
+    VAL_SEED_OFFSET,
+    absolute_data_root,
+    accuracy_on_test_tasks,
+    data_root_for,
+    evaluate_run,
+    load_split,
+    resolve_device,
+    split_sampler,
+)
+from mrmeta._run_folder import BEST, CONFIG_FILE, LAST, METRICS, RESULT, RunFolder
 from mrmeta.algorithms.base import CHUNK_STAT_KEYS, MetaLearner, StepStats
-from mrmeta.config import ConfigError, TrainConfig
-from mrmeta.data import FewShotDataset, TaskSampler, load_dataset
+from mrmeta.config import TrainConfig
+from mrmeta.data import FewShotDataset, TaskSampler
 from mrmeta.distributed import (
     DistContext,
     DistributedError,
@@ -39,14 +56,29 @@ from mrmeta.distributed import (
     shutdown,
     to_cpu,
 )
+from mrmeta.errors import (
+    CheckpointError,
+    ConfigError,
+    OutOfMemory,
+    RunWriteError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from mrmeta.evaluate import EvalResult, evaluate
+from mrmeta.memory import format_bytes
 from mrmeta.tasks import TaskBatch
 
-CONFIG_FILE, LAST, BEST = "config.json", "last.pt", "best.pt"
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive meta-steps had a non-finite loss or meta-gradient."""
+__all__ = [
+    "BEST",
+    "CONFIG_FILE",
+    "LAST",
+    "RESUME_OVERRIDES",
+    "TrainingDiverged",
+    "TrainingRun",
+    "evaluate_run",
+    "resumed_config",
+    "train",
+]
 
 
 @dataclass
@@ -59,30 +91,6 @@ class Progress:
     skipped_in_row: int = 0
     train_cpu_seconds: float = 0.0
     timed_validations: int = 0
-
-
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an existing run; require one to resume."""
-    if resume:
-        if not (run_dir / CONFIG_FILE).exists() or not (run_dir / LAST).exists():
-            raise ConfigError(
-                f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE} and {LAST}); "
-                "start a new run without --resume"
-            )
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file, not a folder; choose a folder path")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"--out {run_dir} already exists and is not empty; pass --resume to continue that "
-            "run, or choose a new --out folder"
-        )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available; use cpu")
-    return torch.device(name)
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
@@ -98,19 +106,30 @@ def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
     return "max_rss_bytes", int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def load_image_splits(config: TrainConfig) -> dict[str, FewShotDataset]:
-    """The train/val/test splits of an image benchmark (the command trains Conv4 on images)."""
-    options: dict[str, Any] = {"root": config.data_root, "download": config.download}
-    if config.dataset == "omniglot":
-        options["protocol"] = config.omniglot_split
-    splits = {s: load_dataset(config.dataset, s, **options) for s in ("train", "val", "test")}
-    if not all(isinstance(d, FewShotDataset) for d in splits.values()):
-        raise ConfigError(
-            f"--dataset {config.dataset} is not an image benchmark; 'mrmeta train' trains Conv4 "
-            "on images (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet). Use "
-            "mrmeta.data.SinusoidTasks from Python for regression"
-        )
-    return splits
+def device_memory_bytes(device: torch.device) -> int:
+    """All the memory of ``device``: the GPU's, or the machine's physical RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def task_batch_bytes(dataset: FewShotDataset, config: TrainConfig, tasks: int) -> int:
+    """A lower bound on the memory of drawing ``tasks`` tasks: the sampler's float64 class
+    keys ``(tasks, classes)`` plus the pixels ``(tasks, N·(K+Q), C, H, W)`` in float32 and in
+    the run's dtype. The model's activations come on top."""
+    pixels = math.prod(dataset.images.shape[1:]) * config.ways * (config.shots + config.queries)
+    itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
+    return tasks * (8 * dataset.num_classes + pixels * (4 + itemsize))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation failure (CUDA or CPU allocator, or Python's ``MemoryError``)."""
+    if isinstance(err, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
 
 
 class TrainingRun:
@@ -123,8 +142,8 @@ class TrainingRun:
 
     Args:
         config: the run's configuration.
-        run_dir: its folder (``config.json``, ``metrics.jsonl``, ``last.pt``, ``best.pt``,
-            ``result.json``, ``curves.png``).
+        folder: its run folder (a :class:`~mrmeta._run_folder.RunFolder` or a path), where
+            checkpoints go.
         progress: show a progress bar.
         dist: this process's place in the process group (default: one process).
     """
@@ -132,19 +151,22 @@ class TrainingRun:
     def __init__(
         self,
         config: TrainConfig,
-        run_dir: Path,
+        folder: RunFolder | str | Path,
         *,
         progress: bool = True,
         dist: DistContext | None = None,
     ) -> None:
-        self.config, self.run_dir, self.show_progress = config, Path(run_dir), progress
+        self.config, self.show_progress = config, progress
+        self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+        self.run_dir = self.folder.path
         self.dist = dist or DistContext()
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
         self.local_batch = shard_size(config.meta_batch, self.dist.world_size)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.splits = load_image_splits(config)
+        self.splits = {split: load_split(config, split) for split in ("train", "val", "test")}
+        self._check_task_memory()
         torch.manual_seed(config.seed)
         image_shape = tuple(self.splits["train"].images.shape[1:])
         self.model = build_model(config, image_shape)
@@ -158,8 +180,18 @@ class TrainingRun:
         self._rank_states: list[dict[str, Any]] | None = None
 
     def _sampler(self, split: str, seed: int) -> TaskSampler:
-        c = self.config
-        return TaskSampler(self.splits[split], c.ways, c.shots, c.queries, seed=seed)
+        return split_sampler(self.config, self.splits[split], seed)
+
+    def _check_task_memory(self) -> None:
+        """Refuse a meta-batch whose tasks alone exceed the device's memory (before a step)."""
+        need = task_batch_bytes(self.splits["train"], self.config, self.local_batch)
+        have = device_memory_bytes(self.device)
+        if need > have:
+            raise OutOfMemory(
+                f"--meta-batch {self.config.meta_batch} needs at least {format_bytes(need)} for "
+                f"its tasks alone, more than the {format_bytes(have)} of {self.device}; lower "
+                "--meta-batch"
+            )
 
     def _draw(self, sampler: TaskSampler, tasks: int) -> TaskBatch:
         return sampler.sample(tasks).to(self.device, self.dtype)
@@ -208,7 +240,8 @@ class TrainingRun:
         self.learner.load_state_dict(mine["extra"], strict=False)
 
     def checkpoint(self, name: str = LAST) -> None:
-        save_checkpoint(self.run_dir / name, self.state_dict())
+        """Write ``name`` (never with non-finite parameters; see :meth:`RunFolder.save`)."""
+        self.folder.save(name, self.state_dict(), self.progress.iteration)
 
     # ------------------------------------------------------------------ steps
     def step(self) -> dict[str, Any]:
@@ -216,10 +249,16 @@ class TrainingRun:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        batch = self._draw(self.sampler, self.local_batch)
-        stats: StepStats = self.learner.meta_step(
-            batch, self.optimizer, reduce_gradients=self._reduce_gradients
-        )
+        try:
+            batch = self._draw(self.sampler, self.local_batch)
+            stats: StepStats = self.learner.meta_step(
+                batch, self.optimizer, reduce_gradients=self._reduce_gradients
+            )
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            self.learner.reset_state()
+            raise self._out_of_memory(err) from None
         seconds = time.perf_counter() - start
         self.progress.train_cpu_seconds += time.process_time() - start_cpu
         memory_key, memory = peak_memory_bytes(self.device)
@@ -236,6 +275,15 @@ class TrainingRun:
             "train_cpu_seconds": self.progress.train_cpu_seconds,
             memory_key: memory,
         }
+
+    def _out_of_memory(self, err: BaseException) -> OutOfMemory:
+        c, first = self.config, (str(err).strip().splitlines() or [type(err).__name__])[0]
+        chunk = "all" if c.chunk_size is None else c.chunk_size
+        return OutOfMemory(
+            f"out of memory at iteration {self.progress.iteration + 1} on {self.device} "
+            f"({first[:120]}); lower --meta-batch (now {c.meta_batch}) or --chunk-size "
+            f"(now {chunk})"
+        )
 
     def _reduce_gradients(self) -> None:
         """The one all-reduce of a distributed step (a no-op in one process).
@@ -270,13 +318,13 @@ class TrainingRun:
         if self.progress.skipped_in_row > self.config.max_skipped:
             raise TrainingDiverged(
                 f"{self.progress.skipped_in_row} consecutive meta-steps had a non-finite loss or "
-                f"meta-gradient (iteration {self.progress.iteration}); stopped. The last good "
-                f"checkpoint is {self.run_dir / LAST}: lower --lr or --inner-lr and --resume"
+                f"meta-gradient (iteration {self.progress.iteration}); stopped. "
+                f"{self.folder.last_good()}: lower --lr or --inner-lr and --resume"
             )
 
     def validate(self) -> EvalResult:
         """Accuracy on the same ``val_tasks`` validation tasks every time (fixed seed)."""
-        sampler = self._sampler("val", self.config.seed + 1)
+        sampler = self._sampler("val", self.config.seed + VAL_SEED_OFFSET)
         return evaluate(
             self.learner,
             lambda n: self._draw(sampler, n),
@@ -286,13 +334,13 @@ class TrainingRun:
 
     def test(self, tasks: int | None = None, protocol: str | None = None) -> EvalResult:
         """Accuracy on test tasks drawn from classes never seen in meta-training."""
-        sampler = self._sampler("test", self.config.seed + 2)
-        return evaluate(
+        return accuracy_on_test_tasks(
             self.learner,
-            lambda n: self._draw(sampler, n),
-            tasks=tasks or self.config.test_tasks,
-            protocol=protocol or self.config.eval_protocol,
-            device=self.device,
+            self.config,
+            self.splits["test"],
+            self.device,
+            tasks=tasks,
+            protocol=protocol,
         )
 
     # ------------------------------------------------------------------ loop
@@ -327,10 +375,11 @@ class TrainingRun:
             self._rank_states = gather_to_main(self._rank_state(), self.dist)
         if log is None:  # ranks other than 0 neither log, validate nor write
             return
-        log.write(record)
+        self._log(log, record)
         if validate:
             result = self.validate()
-            log.write(
+            self._log(
+                log,
                 {
                     "kind": "val",
                     "iteration": it,
@@ -338,13 +387,17 @@ class TrainingRun:
                     "ci95": result.ci95,
                     "train_seconds": self.progress.train_seconds,
                     "train_cpu_seconds": self.progress.train_cpu_seconds,
-                }
+                },
             )
             if result.mean > self.progress.best_val:
                 self.progress.best_val = result.mean
                 self.checkpoint(BEST)
         if save:
             self.checkpoint(LAST)
+
+    def _log(self, log: MetricsLog, record: dict[str, Any]) -> None:
+        with self.folder.writing(METRICS):
+            log.write(record)
 
     def fit(self, log: MetricsLog | None) -> None:
         """Meta-train until ``iterations`` (or ``time_budget`` seconds of training).
@@ -376,7 +429,6 @@ def _postfix(record: dict[str, Any], best_val: float) -> dict[str, str]:
     return postfix
 
 
-# What may change when a run is resumed (the rest defines the run and stays as saved).
 RESUME_OVERRIDES = (
     "iterations",
     "time_budget",
@@ -389,24 +441,72 @@ RESUME_OVERRIDES = (
     "checkpoint_every",
     "threads",
     "dist_timeout",
+    "data_root",
+    "download",
 )
+"""What may change when a run is resumed; every other setting defines the run and may be given
+again only with its saved value."""
 
 
-def resumed_config(run_dir: Path, overrides: dict[str, Any] | None) -> TrainConfig:
-    """The saved configuration of the run in ``run_dir`` with the allowed ``overrides``."""
-    prepare_run_dir(run_dir, resume=True)
-    state = load_checkpoint(run_dir / LAST)
-    if "config" not in state:
-        raise ConfigError(f"{run_dir / LAST} is not an mrmeta checkpoint (no saved config)")
-    saved = TrainConfig.from_dict(state["config"], source=str(run_dir / LAST))
-    overrides = dict(overrides or {})
-    refused = sorted(set(overrides) - set(RESUME_OVERRIDES))
-    if refused:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same_setting(given: Any, saved: Any) -> bool:
+    """``given == saved``, where a bool equals only a bool (``1`` is not ``True``)."""
+    if isinstance(given, bool) or isinstance(saved, bool):
+        return type(given) is type(saved) and given == saved
+    return bool(given == saved)
+
+
+def saved_config(folder: RunFolder) -> TrainConfig:
+    """The configuration of the run in ``folder``: its ``last.pt``'s (identity checked), or
+    ``config.json``'s when the run was stopped before it wrote a checkpoint."""
+    folder.check_resumable()
+    if folder.has_checkpoint():
+        return TrainConfig.from_dict(folder.load(LAST)["config"], source=str(folder.file(LAST)))
+    path = folder.file(CONFIG_FILE)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the run cannot resume") from None
+    return TrainConfig.from_dict(values, source=str(path))
+
+
+def resumed_config(
+    run_dir: str | Path | RunFolder, requested: dict[str, Any] | None
+) -> TrainConfig:
+    """The saved configuration of the run in ``run_dir``, with the ``requested`` settings.
+
+    ``requested`` holds what the resuming command gave (flags, ``--config`` file): a setting of
+    :data:`RESUME_OVERRIDES` takes the new value (``data_root`` made absolute; none given: the
+    saved root if it exists, else ``$MRMETA_DATA``), any other setting must equal the saved one.
+
+    Raises:
+        ConfigError: a setting outside :data:`RESUME_OVERRIDES` differs from the saved run (the
+            message names each, with both values).
+    """
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    saved = saved_config(folder)
+    requested = {k.replace("-", "_"): v for k, v in (requested or {}).items()}
+    kept = saved.to_dict()
+    unknown = {k: v for k, v in requested.items() if k not in kept}
+    if unknown:
+        TrainConfig.from_dict(unknown, source="--resume")  # raises, naming the unknown key
+    changed = [
+        f"{_flag(name)} {kept[name]!r} -> {value!r}"
+        for name, value in requested.items()
+        if name not in RESUME_OVERRIDES and not _same_setting(value, kept[name])
+    ]
+    if changed:
         raise ConfigError(
-            f"--resume keeps the run's settings; {', '.join(refused)} cannot change (only "
-            f"{', '.join(RESUME_OVERRIDES)} can). Start a new run to change the others"
+            f"--resume continues {folder.path} as it was started; these settings cannot change: "
+            f"{', '.join(changed)} (only {', '.join(map(_flag, RESUME_OVERRIDES))} can). Start a "
+            "new run to change the others"
         )
-    return saved.replace(**overrides)
+    overrides = {k: v for k, v in requested.items() if k in RESUME_OVERRIDES}
+    overrides["data_root"] = data_root_for(requested.get("data_root"), saved.data_root)
+    return TrainConfig.from_dict({**kept, **overrides}, source="--resume")
 
 
 def train(
@@ -420,9 +520,15 @@ def train(
     """Meta-train as ``config`` says, then test; everything goes into ``run_dir``.
 
     With ``resume`` the run in ``run_dir`` continues from ``last.pt`` with its saved
-    configuration (``config`` is ignored; ``overrides`` may change the keys of
-    :data:`RESUME_OVERRIDES`), and without overrides it ends with exactly the parameters an
-    uninterrupted run would have.
+    configuration (``config`` is ignored; ``overrides`` holds the settings the resuming command
+    gave, see :func:`resumed_config`), and without changes it ends with exactly the parameters
+    an uninterrupted run would have. A run stopped before its first checkpoint starts again from
+    iteration 0.
+
+    The run holds an exclusive lock on ``run_dir`` while it runs (a second run into it is
+    refused), checks the folder can be written before it loads any data, and handles SIGTERM
+    like SIGINT (:class:`~mrmeta.errors.TrainingInterrupted` says where it stopped). A new run
+    that fails before it trained anything (bad data, out of memory) leaves no folder behind.
 
     With ``config.distributed`` the process joins the process group torchrun set up; rank 0
     alone writes ``run_dir`` (to resume, every rank reads ``last.pt``, so on several nodes
@@ -432,24 +538,49 @@ def train(
     Returns:
         The contents of ``result.json`` (on ranks other than 0: an empty dict).
     """
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     if resume:
-        config = resumed_config(run_dir, overrides)
+        config = resumed_config(folder, overrides)
     elif config is None:
         raise ValueError("train() needs a config for a new run")
+    else:
+        folder.check_new()
+        config = config.replace(data_root=absolute_data_root(config.data_root))
     _refuse_undeclared_launch(config)
     ctx = DistContext()
-    if config.distributed:
-        ctx = init_distributed(config.device, config.dist_timeout)
+    with _sigterm_as_interrupt():
+        if config.distributed:
+            ctx = init_distributed(config.device, config.dist_timeout)
+        try:
+            return _train(config, folder, ctx, resume=resume, progress=progress)
+        except DistributedError as err:
+            raise DistributedError(
+                f"{err}; the last checkpoint is {folder.file(LAST)}: relaunch the same torchrun "
+                "command with --resume to continue"
+            ) from err
+        finally:
+            shutdown(ctx)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as it does on SIGINT."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM raises :class:`_Terminated` (a ``KeyboardInterrupt``)."""
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return _train(config, run_dir, ctx, resume=resume, progress=progress)
-    except DistributedError as err:
-        raise DistributedError(
-            f"{err}; the last checkpoint is {run_dir / LAST}: relaunch the same torchrun "
-            "command with --resume to continue"
-        ) from err
+        yield
     finally:
-        shutdown(ctx)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _refuse_undeclared_launch(config: TrainConfig) -> None:
@@ -463,33 +594,86 @@ def _refuse_undeclared_launch(config: TrainConfig) -> None:
         )
 
 
+KEEP_FOLDER_ON = (KeyboardInterrupt, TrainingDiverged, DistributedError, RunWriteError)
+"""Failures after which a new run's folder stays (it can be resumed); after any other failure
+before the first trained checkpoint, the folder is removed so the command can be rerun."""
+
+
 def _train(
-    config: TrainConfig, run_dir: Path, ctx: DistContext, *, resume: bool, progress: bool
+    config: TrainConfig, folder: RunFolder, ctx: DistContext, *, resume: bool, progress: bool
 ) -> dict[str, Any]:
-    if not resume:
-        check_on_main(lambda: prepare_run_dir(run_dir, resume=False), ctx)
-    run = TrainingRun(config, run_dir, progress=progress and ctx.is_main, dist=ctx)
-    if resume:
-        run.load_state_dict(load_checkpoint(run_dir / LAST))
+    check_on_main(lambda: folder.acquire(resume=resume), ctx)
+    run: TrainingRun | None = None
+    try:
+        run = TrainingRun(config, folder, progress=progress and ctx.is_main, dist=ctx)
+        return _train_locked(run, ctx, resume=resume)
+    except KeyboardInterrupt as err:
+        raise _interrupted(folder, run, err, ctx) from None
+    except BaseException as err:
+        trained = (folder.saved_iteration or 0) > 0
+        if ctx.is_main and not resume and not trained and not isinstance(err, KEEP_FOLDER_ON):
+            folder.discard()
+        raise
+    finally:
+        folder.release()
+
+
+def _train_locked(run: TrainingRun, ctx: DistContext, *, resume: bool) -> dict[str, Any]:
+    folder = run.folder
+    if resume and folder.has_checkpoint():
+        run.load_state_dict(folder.load(LAST))
+        folder.saved_iteration = run.progress.iteration
     if not ctx.is_main:
         run.fit(None)
         return {}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / CONFIG_FILE)
-    if not resume and not ctx.enabled:
+    if folder.read_identity() is None or not resume:
+        folder.start_identity()
+    folder.write_json(CONFIG_FILE, run.config.to_dict())
+    if folder.saved_iteration is None and not ctx.enabled:
         run.checkpoint(LAST)  # iteration 0: a run killed before its first checkpoint resumes
-    log = MetricsLog(run_dir, resume_iteration=run.progress.iteration if resume else None)
+    log = folder.open_log(resume_iteration=run.progress.iteration)
     try:
         run.fit(log)
+        return finish(run)
+    except (RuntimeError, MemoryError) as err:  # out of memory in validation or the test
+        if is_out_of_memory(err) and not isinstance(err, OutOfMemory):
+            raise run._out_of_memory(err) from None
+        raise
     finally:
         log.close()
-    return finish(run)
+
+
+def _interrupted(
+    folder: RunFolder, run: TrainingRun | None, err: KeyboardInterrupt, ctx: DistContext
+) -> TrainingInterrupted:
+    """Where the run stopped, what is intact, and how to continue it, in one line."""
+    name, number = ("SIGTERM", 15) if isinstance(err, _Terminated) else ("SIGINT", 2)
+    where = "before training started" if run is None else f"at iteration {run.progress.iteration}"
+    resume = (
+        "relaunch the same torchrun command with --resume"
+        if ctx.enabled
+        else f"mrmeta train --out {shlex.quote(str(folder.path))} --resume"
+    )
+    if folder.saved_iteration is not None:
+        intact = folder.last_good()
+    elif folder.has_checkpoint():
+        intact = f"The checkpoint {folder.file(LAST)} is intact"
+    elif folder.file(CONFIG_FILE).exists():
+        intact = "No checkpoint was written yet (it starts again from iteration 0)"
+    else:
+        return TrainingInterrupted(
+            f"stopped by {name} {where}; nothing was trained: run the same command again", number
+        )
+    return TrainingInterrupted(
+        f"stopped by {name} {where}; {intact}: continue with '{resume}'", number
+    )
 
 
 def finish(run: TrainingRun) -> dict[str, Any]:
     """Test the best-validation parameters, write ``result.json`` and the learning curves."""
-    if (run.run_dir / BEST).exists():
-        run.learner.load_state_dict(load_checkpoint(run.run_dir / BEST)["learner"])
+    tested = BEST if run.folder.file(BEST).exists() else LAST
+    if tested == BEST:
+        run.learner.load_state_dict(run.folder.load(BEST)["learner"])
     test = run.test() if run.config.test_tasks > 0 else None  # 0: the test split is not read
     result = {
         "algo": run.config.algo,
@@ -503,10 +687,12 @@ def finish(run: TrainingRun) -> dict[str, Any]:
         "test_ci95": None if test is None else test.ci95,
         "test_tasks": 0 if test is None else test.tasks,
         "test_protocol": run.config.eval_protocol,
-        "tested_checkpoint": BEST if (run.run_dir / BEST).exists() else LAST,
+        "tested_checkpoint": tested,
+        "run_id": run.folder.run_id,
     }
-    write_json(run.run_dir / "result.json", result)
-    _plot(run.run_dir)
+    run.folder.write_json(RESULT, result)
+    with run.folder.writing("curves.png"):
+        _plot(run.run_dir)
     return result
 
 
@@ -515,34 +701,4 @@ def _plot(run_dir: Path) -> None:
         from mrmeta._plots import plot_learning_curves
     except ImportError:  # matplotlib is optional
         return
-    plot_learning_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png")
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    *,
-    tasks: int = 600,
-    protocol: str = "native",
-    checkpoint: str = "best",
-    device: str | None = None,
-) -> EvalResult:
-    """Test a finished (or interrupted) run from its ``best.pt`` or ``last.pt``, on the run's
-    own test tasks (same seed), on ``device`` (default: the run's)."""
-    run_dir = Path(run_dir)
-    if checkpoint not in ("best", "last"):
-        raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    name = BEST if checkpoint == "best" else LAST
-    if not (run_dir / name).exists() and checkpoint == "best":
-        name = LAST
-    if not (run_dir / name).exists():
-        raise ConfigError(f"--run {run_dir} has no checkpoint ({BEST} or {LAST}); train it first")
-    if tasks < 1:
-        raise ConfigError(f"--tasks must be >= 1, got {tasks}")
-    state = load_checkpoint(run_dir / name)
-    if "config" not in state or "learner" not in state:
-        raise ConfigError(f"{run_dir / name} is not an mrmeta checkpoint")
-    config = TrainConfig.from_dict(state["config"], source=str(run_dir / name))
-    config = config.replace(device=device or config.device, distributed=False)
-    run = TrainingRun(config, run_dir, progress=False)
-    run.learner.load_state_dict(state["learner"])
-    return run.test(tasks, protocol)
+    plot_learning_curves(read_metrics(run_dir / METRICS), run_dir / "curves.png")
