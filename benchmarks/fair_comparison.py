@@ -36,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,6 +123,8 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     result = json.loads((run_dir / "result.json").read_text())
     summary = summarise_records(records)
+    if job.get("frozen_backbone_test"):
+        summary["frozen_backbone"] = frozen_backbone_test(run_dir, args)
     print(
         f"{job['name']}: {summary['iterations']} it, best val {summary['best_val']:.4f} "
         f"({wall:.0f} s wall)",
@@ -153,10 +156,39 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_all(jobs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Two jobs at a time (one thread each); results in job order."""
+def run_all(
+    jobs: list[dict[str, Any]], args: argparse.Namespace, log: Path
+) -> list[dict[str, Any]]:
+    """Two jobs at a time (one thread each). Each finished job is appended to ``log`` (JSON
+    lines) at once, and a job already there is not run again: a stage that was stopped goes on
+    where it was. Returns every logged result, in job order."""
+    done = {r["name"]: r for r in read_log(log)}
+    todo = [job for job in jobs if job["name"] not in done]
+    lock = threading.Lock()
+
+    def run_and_log(job: dict[str, Any]) -> None:
+        result = run_job(job, args)
+        if "result" in result or "failed" in result:
+            with lock, log.open("a") as handle:
+                handle.write(json.dumps(result) + "\n")
+
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        return list(pool.map(lambda job: run_job(job, args), jobs))
+        list(pool.map(run_and_log, todo))
+    done = {r["name"]: r for r in read_log(log)}
+    return [done[job["name"]] for job in jobs if job["name"] in done]
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The results logged so far (a torn last line, from a kill mid-write, is skipped)."""
+    if not path.exists():
+        return []
+    results = []
+    for line in path.read_text().splitlines():
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return results
 
 
 def interleave(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -199,7 +231,7 @@ def tune(args: argparse.Namespace) -> None:
                 }
             )
         groups.append(jobs)
-    results = run_all(interleave(groups), args)
+    results = run_all(interleave(groups), args, RESULTS / f"fair_tuning_{_setting(args)}.jsonl")
     selected = {}
     for method in args.methods:
         mine = [r for r in results if r["method"] == method and "failed" not in r]
@@ -243,6 +275,7 @@ def final(args: argparse.Namespace) -> None:
             run_dir = args.runs / f"final-{_setting(args)}-{name}-seed{seed}"
             jobs.append(
                 {
+                    "frozen_backbone_test": True,
                     "name": f"final {name} seed {seed}",
                     "row": name,
                     "seed": seed,
@@ -252,18 +285,14 @@ def final(args: argparse.Namespace) -> None:
                 }
             )
         groups.append(jobs)
-    results = run_all(interleave(groups), args)
-    for r in results:
-        if "failed" not in r:
-            r["frozen_backbone"] = frozen_backbone_test(Path(r["run_dir"]), args)
+    results = run_all(interleave(groups), args, RESULTS / f"fair_final_{_setting(args)}.jsonl")
     path = RESULTS / f"fair_final_{_setting(args)}.json"
-    previous = json.loads(path.read_text())["runs"] if path.exists() and args.append else []
     out = {
         "setting": _setting(args),
         "budget_cpu_seconds": args.budget,
         "seeds": args.seeds,
         "test_tasks": args.test_tasks,
-        "runs": previous + results,
+        "runs": results,
         "command": " ".join(sys.argv),
     }
     path.write_text(json.dumps(out, indent=1) + "\n")
@@ -355,7 +384,6 @@ def main() -> None:
     parser.add_argument("--val-tasks", type=int, default=200)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--append", action="store_true", help="final: keep earlier runs")
     parser.add_argument("--cost-rounds", type=int, default=7)
     parser.add_argument("--cost-iterations", type=int, default=5)
     parser.add_argument("--runs", type=Path, default=Path("runs/fair"))

@@ -50,16 +50,8 @@ class EvalResult:
 
 
 def backbone_of(learner: MetaLearner) -> nn.Module:
-    """The feature extractor of a learner (``learner.backbone`` or ``learner.model.backbone``)."""
-    backbone = getattr(learner, "backbone", None)
-    if backbone is None:
-        backbone = getattr(getattr(learner, "model", None), "backbone", None)
-    if backbone is None:
-        raise ValueError(
-            f"{type(learner).__name__} has no .backbone (or .model.backbone): the frozen-backbone "
-            "protocol needs a model split into backbone and head"
-        )
-    return backbone
+    """The feature extractor of a learner (:meth:`MetaLearner.feature_extractor`)."""
+    return learner.feature_extractor()
 
 
 @torch.no_grad()

@@ -80,6 +80,10 @@ class HeadLearner(ChunkedLearner):
         self.learn_head_init = bool(learn_head_init)
         head.requires_grad_(self.learn_head_init)
 
+    def feature_extractor(self) -> nn.Module:
+        """The shared backbone ``θ``."""
+        return self.backbone
+
     def head_start(self, tasks: int) -> TensorDict:
         """``φ⁰`` repeated per task, detached: ``(T, *shape)`` (a view, no copy)."""
         return {k: p.detach().expand(tasks, *p.shape) for k, p in self.head.named_parameters()}

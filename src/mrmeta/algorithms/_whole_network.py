@@ -91,6 +91,13 @@ class WholeNetworkLearner(ChunkedLearner):
         self.inner_lr = check_finite_number("inner_lr", inner_lr, positive=True)
         self.loss = check_loss_name(loss)
 
+    def feature_extractor(self) -> nn.Module:
+        """``model.backbone`` for a model split into a backbone and a head (e.g. Conv4)."""
+        backbone = getattr(self.model, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            return super().feature_extractor()
+        return backbone
+
     def model_losses(self, phi: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """``L_t(φ_t)`` per task, ``(T,)``, for ``x (T, n, *input)`` and ``y (T, n[, out])``."""
         return task_losses(batched_forward(self.model, phi, x), y, self.loss)

@@ -97,6 +97,13 @@ class MetaLearner(nn.Module, ABC):
     def reset_state(self) -> None:
         """Forget any state carried between meta-steps (warm starts); a no-op by default."""
 
+    def feature_extractor(self) -> nn.Module:
+        """The module that maps inputs to features, for the frozen-backbone test protocol."""
+        raise ValueError(
+            f"{type(self).__name__} has no feature extractor: the frozen-backbone protocol "
+            "needs a model split into a backbone and a head"
+        )
+
     def meta_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the outer optimizer updates."""
         return (p for p in self.parameters() if p.requires_grad)
