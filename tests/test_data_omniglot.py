@@ -1,4 +1,4 @@
-"""Omniglot: PNG decoding, the PNG and .npz layouts, download (local HTTP server), real data."""
+"""Omniglot: PNG decoding (Pillow), the PNG and .npz layouts, download (local HTTP server), real data."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 
 from mrmeta.data import DataError, DataNotFoundError, default_data_root, load_dataset
 from mrmeta.data import _omniglot_files as files
-from mrmeta.data._png import decode_png
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 SIDE = 105
@@ -73,19 +72,24 @@ def encode_png(values: np.ndarray, depth: int, filters: list[int] | None = None)
 def test_png_decoder_all_filters(depth):
     rng = np.random.default_rng(depth)
     values = rng.integers(0, 2**depth, size=(13, 11))
-    decoded = decode_png(encode_png(values, depth, [0, 1, 2, 3, 4]))
+    decoded = files.decode_png(encode_png(values, depth, [0, 1, 2, 3, 4]))
     assert np.array_equal(decoded, (values * (255 // (2**depth - 1))).astype(np.uint8))
 
 
 def test_png_decoder_rejects_bad_files():
-    with pytest.raises(DataError, match="not a PNG"):
-        decode_png(b"GIF89a")
-    good = encode_png(np.zeros((4, 4), int), 8)
-    rgb = good.replace(
-        struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0), struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)
-    )
-    with pytest.raises(DataError, match="unsupported PNG"):
-        decode_png(rgb)
+    with pytest.raises(DataError, match="^x.png: not a PNG file; re-download"):
+        files.decode_png(b"GIF89a", source="x.png")
+    good = encode_png(np.random.default_rng(0).integers(0, 256, size=(40, 40)), 8)
+    with pytest.raises(DataError, match="^y.png: not a readable PNG .*; the file is corrupt"):
+        files.decode_png(good[:-40], source="y.png")  # IDAT cut short
+
+
+def test_corrupt_png_in_a_zip_names_the_file(tmp_path):
+    archive = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("images_background/Latin/character01/0683_01.png", b"\x89PNG\r\n\x1a\nbad")
+    with pytest.raises(DataError, match="Latin/character01/0683_01.png: not a"):
+        load_dataset("omniglot", "train", root=tmp_path)
 
 
 # ------------------------------------------------------------------ a small synthetic Omniglot

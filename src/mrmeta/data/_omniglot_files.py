@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from mrmeta.data._download import check_zip_members, download_file, extract_zip, verify_checksum
 from mrmeta.data._errors import DataError
-from mrmeta.data._png import decode_png
 
 BACKGROUND, EVALUATION = "background", "evaluation"
 SETS = (BACKGROUND, EVALUATION)
@@ -268,6 +268,30 @@ def _read_png_set(paths: tuple[Path, ...], kind: str) -> CharacterSet:
             "empty or in another layout"
         )
     return _stack_drawings(kind, drawings, names, paths)
+
+
+def decode_png(data: bytes, *, source: str = "PNG") -> np.ndarray:
+    """Decode a PNG (any bit depth or colour type) to grayscale with Pillow.
+
+    Args:
+        data: the file's bytes.
+        source: the file's name, used in error messages.
+
+    Returns:
+        ``(H, W)`` uint8 array in ``0..255`` (a 1-bit Omniglot drawing gives 0 and 255).
+
+    Raises:
+        DataError: not a PNG, or corrupt/truncated (one line naming ``source``).
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            return np.asarray(image.convert("L"))
+    except UnidentifiedImageError as err:
+        raise DataError(f"{source}: not a PNG file; re-download the archive") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"{source}: not a readable PNG ({err}); the file is corrupt, re-download the archive"
+        ) from err
 
 
 def _stack_drawings(
