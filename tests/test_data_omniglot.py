@@ -1,4 +1,4 @@
-"""Omniglot: PNG decoding (Pillow), the PNG and .npz layouts, download (local HTTP server), real data."""
+"""Omniglot: PNG decoding, the PNG and .npz layouts, download (local HTTP server), real data."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from mrmeta.algorithms.itd_bio import ITDBiO
 from mrmeta.algorithms.maml import MAML
 from mrmeta.algorithms.memory_reduced import MemoryReduced
 from mrmeta.config import ConfigError, TrainConfig
-from mrmeta.models import Conv4
+from mrmeta.models import Conv4, ResNet12, resnet12_widths
 
 # Per-algorithm defaults of the options a config leaves unset (None). MAML's are its Omniglot
 # setting (one step of 0.4; Finn et al. 2017), ANIL's the paper's (10 steps of 0.1), iMAML's
@@ -34,13 +34,21 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4:
-    """Conv4 for ``image_shape = (C, H, W)`` with a zero-initialised head."""
+def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4 | ResNet12:
+    """The ``config.backbone`` model for ``image_shape = (C, H, W)``, head zero-initialised.
+
+    ``conv4``: ``config.hidden`` filters per layer. ``resnet12``: block widths
+    :func:`~mrmeta.models.resnet12_widths` of ``config.hidden`` (64 → 64-160-320-640).
+    """
     if len(image_shape) != 3 or image_shape[1] != image_shape[2]:
         raise ConfigError(
-            f"Conv4 needs square images (C, H, W); dataset {config.dataset!r} gives {image_shape}"
+            f"--backbone {config.backbone} needs square images (C, H, W); dataset "
+            f"{config.dataset!r} gives {image_shape}"
         )
     channels, side, _ = image_shape
+    if config.backbone == "resnet12":
+        widths = resnet12_widths(config.hidden)
+        return ResNet12(config.ways, channels, widths, side, zero_head=True)
     return Conv4(config.ways, channels, config.hidden, side, zero_head=True)
 
 

@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 PROTOCOLS = ("native", "frozen-backbone")
 DTYPES = ("float32", "float64")
+BACKBONES = ("conv4", "resnet12")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     chunk_size: int | None = 1
+    backbone: str = "conv4"
     hidden: int = 64
     seed: int = 0
     device: str = "cpu"
@@ -81,6 +83,7 @@ class TrainConfig:
         _check_choice("eval_protocol", self.eval_protocol, PROTOCOLS)
         _check_choice("omniglot_split", self.omniglot_split, ("lake", "vinyals"))
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("backbone", self.backbone, BACKBONES)
         for name in (
             "ways",
             "shots",
