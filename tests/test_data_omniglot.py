@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import os
 import struct
 import threading
 import zipfile
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from mrmeta.cli import main as cli_main
 from mrmeta.data import DataError, DataNotFoundError, default_data_root, load_dataset
 from mrmeta.data import _omniglot_files as files
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+REAL = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data") / "omniglot"
 SIDE = 105
 
 
@@ -222,6 +224,51 @@ def test_offline_download_names_data_root_and_env_var(tmp_path, monkeypatch):
         load_dataset(
             "omniglot", "train", root=tmp_path / "d", download=True, base_url="http://127.0.0.1:9"
         )
+
+
+def _cli_train(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data-root", str(root), "--out", str(out), "--ways", "2", "--shots", "1",
+            "--queries", "2", "--meta-batch", "2", "--hidden", "2", "--iterations", "1",
+            "--inner-steps", "1", "--cg-iters", "1", "--val-every", "1", "--val-tasks", "2",
+            "--test-tasks", "2", "--threads", "1", "--quiet", *extra]  # fmt: skip
+
+
+def test_train_downloads_omniglot_by_default_and_says_where(tmp_path, server, monkeypatch, capsys):
+    served, url = server
+    publish(served, monkeypatch)
+    monkeypatch.setattr(files, "OFFICIAL_URL", url)
+    root, out = tmp_path / "cache", tmp_path / "run"
+    assert cli_main(_cli_train(root, out)) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"downloading the official archives into {root / 'omniglot'}" in err
+    assert f"downloaded and verified (md5/sha256) into {root / 'omniglot'}" in err
+    assert (root / "omniglot" / "images_background.npz").is_file() and (out / "best.pt").is_file()
+    assert leftovers(root / "omniglot") == []
+
+
+def test_train_with_no_download_does_not_fetch(tmp_path, server, monkeypatch, capsys):
+    served, url = server
+    publish(served, monkeypatch)
+    monkeypatch.setattr(files, "OFFICIAL_URL", url)
+    root, out = tmp_path / "cache", tmp_path / "run"
+    assert cli_main(_cli_train(root, out, "--no-download")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Omniglot not found" in err and "--download" in err
+    assert not root.exists() and not out.exists()
+    config = tmp_path / "run.toml"
+    config.write_text("download = false\n")
+    assert cli_main([*_cli_train(root, out), "--config", str(config)]) == 2
+    assert not root.exists()
+
+
+def test_train_offline_ends_with_one_line_naming_data_root_and_env_var(tmp_path, capsys):
+    root, out = tmp_path / "cache", tmp_path / "run"  # conftest: the source is a closed port
+    assert cli_main(_cli_train(root, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("mrmeta: error: could not download")
+    assert "--data-root" in err[-1] and "MRMETA_DATA" in err[-1]
+    assert not out.exists() and leftovers(root) == []
 
 
 def test_missing_data_without_download_is_a_clear_error(tmp_path):

@@ -15,7 +15,8 @@ HELP = {
     "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
     "dataset": "benchmark name (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet)",
     "data_root": "folder holding the dataset files (else $MRMETA_DATA, else ~/.cache/mrmeta)",
-    "download": "download the dataset if it is not found (Omniglot only)",
+    "download": "download Omniglot's official archives into the data root if no copy is found "
+    "(--no-download forbids it; other datasets are bring-your-own)",
     "omniglot_split": "Omniglot split: lake (by alphabet) or vinyals (1200/423 chars + rotations)",
     "ways": "classes per task N",
     "shots": "support examples per class K",

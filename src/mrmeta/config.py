@@ -36,13 +36,15 @@ class TrainConfig:
     two CPU cores. ``inner_steps = None`` and ``inner_lr = None`` take the algorithm's own
     defaults (see ``mrmeta._factory.ALGORITHM_DEFAULTS``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
-    ``dtype = "float64"`` runs the model and the tasks in double precision.
+    ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
+    (Omniglot only; ignored for the bring-your-own datasets) fetches the official archives
+    into the data root when no copy is found; ``download = false`` forbids it.
     """
 
     algo: str = "mrml"
     dataset: str = "omniglot"
     data_root: str | None = None
-    download: bool = False
+    download: bool = True
     omniglot_split: str = "lake"
     ways: int = 5
     shots: int = 1

@@ -98,9 +98,9 @@ def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
 
 def load_image_splits(config: TrainConfig) -> dict[str, FewShotDataset]:
     """The train/val/test splits of an image benchmark (the command trains Conv4 on images)."""
-    options: dict[str, Any] = {"root": config.data_root, "download": config.download}
-    if config.dataset == "omniglot":
-        options["protocol"] = config.omniglot_split
+    options: dict[str, Any] = {"root": config.data_root}
+    if config.dataset == "omniglot":  # the only dataset with a download source
+        options.update(protocol=config.omniglot_split, download=config.download)
     splits = {s: load_dataset(config.dataset, s, **options) for s in ("train", "val", "test")}
     if not all(isinstance(d, FewShotDataset) for d in splits.values()):
         raise ConfigError(
