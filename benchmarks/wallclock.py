@@ -202,7 +202,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data")
+        "--data-root", default=None, help="default: $MRMETA_DATA, else ~/.cache/mrmeta"
     )
     parser.add_argument("--runs", type=Path, default=Path("runs/wallclock"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

@@ -15,10 +15,10 @@ import torch
 
 from mrmeta.cli import main
 
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(
     not (DATA_ROOT / "omniglot" / "images_background.npz").exists(),
-    reason="real Omniglot copy not found in ../shared/data/omniglot",
+    reason="no real Omniglot copy in $MRMETA_DATA/omniglot",
 )
 
 TINY = [
@@ -202,7 +202,7 @@ BAD_INPUTS = [
     (["--lr", "nan"], "lr must be a finite number"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--inner-lr", "inf"], "inner_lr must be a finite number"),
-    (["--data-root", "/nonexistent/mrmeta-data"], "MRMETA_DATA"),
+    (["--data-root", "/nonexistent/mrmeta-data", "--no-download"], "MRMETA_DATA"),
     (["--dataset", "sinusoid"], "not an image benchmark"),
     (["--meta-batch", "0"], "meta_batch must be an integer >= 1"),
 ]

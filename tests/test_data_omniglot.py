@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import os
 import struct
 import threading
 import zipfile
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from mrmeta.cli import main as cli_main
 from mrmeta.data import DataError, DataNotFoundError, default_data_root, load_dataset
 from mrmeta.data import _omniglot_files as files
-from mrmeta.data._png import decode_png
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+REAL = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data") / "omniglot"
 SIDE = 105
 
 
@@ -73,19 +74,24 @@ def encode_png(values: np.ndarray, depth: int, filters: list[int] | None = None)
 def test_png_decoder_all_filters(depth):
     rng = np.random.default_rng(depth)
     values = rng.integers(0, 2**depth, size=(13, 11))
-    decoded = decode_png(encode_png(values, depth, [0, 1, 2, 3, 4]))
+    decoded = files.decode_png(encode_png(values, depth, [0, 1, 2, 3, 4]))
     assert np.array_equal(decoded, (values * (255 // (2**depth - 1))).astype(np.uint8))
 
 
 def test_png_decoder_rejects_bad_files():
-    with pytest.raises(DataError, match="not a PNG"):
-        decode_png(b"GIF89a")
-    good = encode_png(np.zeros((4, 4), int), 8)
-    rgb = good.replace(
-        struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0), struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)
-    )
-    with pytest.raises(DataError, match="unsupported PNG"):
-        decode_png(rgb)
+    with pytest.raises(DataError, match="^x.png: not a PNG file; re-download"):
+        files.decode_png(b"GIF89a", source="x.png")
+    good = encode_png(np.random.default_rng(0).integers(0, 256, size=(40, 40)), 8)
+    with pytest.raises(DataError, match="^y.png: not a readable PNG .*; the file is corrupt"):
+        files.decode_png(good[:-40], source="y.png")  # IDAT cut short
+
+
+def test_corrupt_png_in_a_zip_names_the_file(tmp_path):
+    archive = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("images_background/Latin/character01/0683_01.png", b"\x89PNG\r\n\x1a\nbad")
+    with pytest.raises(DataError, match="Latin/character01/0683_01.png: not a"):
+        load_dataset("omniglot", "train", root=tmp_path)
 
 
 # ------------------------------------------------------------------ a small synthetic Omniglot
@@ -218,6 +224,51 @@ def test_offline_download_names_data_root_and_env_var(tmp_path, monkeypatch):
         load_dataset(
             "omniglot", "train", root=tmp_path / "d", download=True, base_url="http://127.0.0.1:9"
         )
+
+
+def _cli_train(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data-root", str(root), "--out", str(out), "--ways", "2", "--shots", "1",
+            "--queries", "2", "--meta-batch", "2", "--hidden", "2", "--iterations", "1",
+            "--inner-steps", "1", "--cg-iters", "1", "--val-every", "1", "--val-tasks", "2",
+            "--test-tasks", "2", "--threads", "1", "--quiet", *extra]  # fmt: skip
+
+
+def test_train_downloads_omniglot_by_default_and_says_where(tmp_path, server, monkeypatch, capsys):
+    served, url = server
+    publish(served, monkeypatch)
+    monkeypatch.setattr(files, "OFFICIAL_URL", url)
+    root, out = tmp_path / "cache", tmp_path / "run"
+    assert cli_main(_cli_train(root, out)) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"downloading the official archives into {root / 'omniglot'}" in err
+    assert f"downloaded and verified (md5/sha256) into {root / 'omniglot'}" in err
+    assert (root / "omniglot" / "images_background.npz").is_file() and (out / "best.pt").is_file()
+    assert leftovers(root / "omniglot") == []
+
+
+def test_train_with_no_download_does_not_fetch(tmp_path, server, monkeypatch, capsys):
+    served, url = server
+    publish(served, monkeypatch)
+    monkeypatch.setattr(files, "OFFICIAL_URL", url)
+    root, out = tmp_path / "cache", tmp_path / "run"
+    assert cli_main(_cli_train(root, out, "--no-download")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Omniglot not found" in err and "--download" in err
+    assert not root.exists() and not out.exists()
+    config = tmp_path / "run.toml"
+    config.write_text("download = false\n")
+    assert cli_main([*_cli_train(root, out), "--config", str(config)]) == 2
+    assert not root.exists()
+
+
+def test_train_offline_ends_with_one_line_naming_data_root_and_env_var(tmp_path, capsys):
+    root, out = tmp_path / "cache", tmp_path / "run"  # conftest: the source is a closed port
+    assert cli_main(_cli_train(root, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("mrmeta: error: could not download")
+    assert "--data-root" in err[-1] and "MRMETA_DATA" in err[-1]
+    assert not out.exists() and leftovers(root) == []
 
 
 def test_missing_data_without_download_is_a_clear_error(tmp_path):

@@ -35,10 +35,10 @@ from mrmeta.distributed import (
 from mrmeta.tasks import TaskBatch
 from mrmeta.train import TrainingRun
 
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(
     not (DATA_ROOT / "omniglot" / "images_background.npz").exists(),
-    reason="real Omniglot copy not found in ../shared/data/omniglot",
+    reason="no real Omniglot copy in $MRMETA_DATA/omniglot",
 )
 needs_proc = pytest.mark.skipif(
     not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc"

@@ -13,7 +13,7 @@ from mrmeta.algorithms import (
 from mrmeta.implicit import CGResult, Hypergradient, conjugate_gradient, hypergradient
 from mrmeta.inner import gradient_descent, unrolled_gradient_descent
 from mrmeta.memory import format_bytes, measure_peak_memory
-from mrmeta.models import Conv4, Conv4Backbone, TaskBatchNorm2d
+from mrmeta.models import Conv4, Conv4Backbone, ResNet12, ResNet12Backbone, TaskBatchNorm2d
 from mrmeta.tasks import TaskBatch
 
 __version__ = "0.1.0"
@@ -30,6 +30,8 @@ __all__ = [
     "Hypergradient",
     "MemoryReduced",
     "MetaLearner",
+    "ResNet12",
+    "ResNet12Backbone",
     "StepStats",
     "TaskBatch",
     "TaskBatchNorm2d",

@@ -10,7 +10,7 @@ from torch import nn
 from mrmeta.algorithms import algorithm_class, algorithm_defaults, splits_head
 from mrmeta.algorithms.base import MetaLearner
 from mrmeta.config import ConfigError, TrainConfig
-from mrmeta.models import Conv4
+from mrmeta.models import Conv4, ResNet12, resnet12_widths
 
 # The TrainConfig fields that are constructor options of (some) algorithms. A field left at None
 # takes the algorithm's own default: its constructor's (mrmeta.algorithms.algorithm_defaults),
@@ -29,13 +29,21 @@ LEARNER_OPTIONS = (
 )
 
 
-def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4:
-    """Conv4 for ``image_shape = (C, H, W)`` with a zero-initialised head."""
+def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4 | ResNet12:
+    """The ``config.backbone`` model for ``image_shape = (C, H, W)``, head zero-initialised.
+
+    ``conv4``: ``config.hidden`` filters per layer. ``resnet12``: block widths
+    :func:`~mrmeta.models.resnet12_widths` of ``config.hidden`` (64 → 64-160-320-640).
+    """
     if len(image_shape) != 3 or image_shape[1] != image_shape[2]:
         raise ConfigError(
-            f"Conv4 needs square images (C, H, W); dataset {config.dataset!r} gives {image_shape}"
+            f"--backbone {config.backbone} needs square images (C, H, W); dataset "
+            f"{config.dataset!r} gives {image_shape}"
         )
     channels, side, _ = image_shape
+    if config.backbone == "resnet12":
+        widths = resnet12_widths(config.hidden)
+        return ResNet12(config.ways, channels, widths, side, zero_head=True)
     return Conv4(config.ways, channels, config.hidden, side, zero_head=True)
 
 

@@ -57,9 +57,9 @@ def data_root_for(given: str | None, saved: str | None) -> str | None:
 
 def load_split(config: TrainConfig, split: str) -> FewShotDataset:
     """One split of the run's image benchmark (the command trains Conv4 on images)."""
-    options: dict[str, Any] = {"root": config.data_root, "download": config.download}
-    if config.dataset == "omniglot":
-        options["protocol"] = config.omniglot_split
+    options: dict[str, Any] = {"root": config.data_root}
+    if config.dataset == "omniglot":  # the only dataset with a download source
+        options.update(protocol=config.omniglot_split, download=config.download)
     dataset = load_dataset(config.dataset, split, **options)
     if not isinstance(dataset, FewShotDataset):
         raise ConfigError(

@@ -23,6 +23,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 INNER_SOLVERS = ("newton", "gd")
+BACKBONES = ("conv4", "resnet12")
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,15 @@ class TrainConfig:
     ``inner_tol``, ``inner_lr``, ``cg_iters``, ``l2``, ``reg``) take its own defaults, which live
     in its constructor (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
-    ``dtype = "float64"`` runs the model and the tasks in double precision.
+    ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
+    (Omniglot only; ignored for the bring-your-own datasets) fetches the official archives
+    into the data root when no copy is found; ``download = false`` forbids it.
     """
 
     algo: str = "mrml"
     dataset: str = "omniglot"
     data_root: str | None = None
-    download: bool = False
+    download: bool = True
     omniglot_split: str = "lake"
     ways: int = 5
     shots: int = 1
@@ -62,6 +65,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     chunk_size: int | None = 1
+    backbone: str = "conv4"
     hidden: int = 64
     seed: int = 0
     device: str = "cpu"
@@ -85,6 +89,7 @@ class TrainConfig:
         _check_choice("omniglot_split", self.omniglot_split, ("lake", "vinyals"))
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("budget_clock", self.budget_clock, ("wall", "cpu"))
+        _check_choice("backbone", self.backbone, BACKBONES)
         for name in (
             "ways",
             "shots",

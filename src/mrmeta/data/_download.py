@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from tqdm.auto import tqdm
+
 from mrmeta.data._errors import DataError
 from mrmeta.data._paths import HOW_TO_POINT
 
@@ -50,6 +52,14 @@ def verify_checksum(path: Path, *, sha256: str | None, md5: str | None, source: 
             )
 
 
+def make_folder(folder: Path) -> None:
+    """``mkdir -p folder``, or a one-line :class:`DataError` saying why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create {folder} to download into ({err}); {HOW_TO_POINT}") from err
+
+
 def download_file(
     url: str,
     dest: Path,
@@ -67,7 +77,7 @@ def download_file(
         DataError: network failure (the message says how to use a local copy instead) or
             checksum mismatch.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(dest.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
@@ -81,9 +91,14 @@ def download_file(
 
 
 def _stream(url: str, out: BinaryIO, timeout: float) -> None:
+    """Copy ``url`` into ``out``, with a progress bar on a terminal (tqdm; none otherwise)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out, _CHUNK)
+            total = int(response.headers.get("Content-Length") or 0) or None
+            name = url.rsplit("/", 1)[-1]
+            bar = {"total": total, "desc": name, "unit": "B", "unit_scale": True}
+            with tqdm.wrapattr(out, "write", **bar, unit_divisor=1024, disable=None) as sink:
+                shutil.copyfileobj(response, sink, _CHUNK)
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise DataError(
             f"could not download {url} ({err}); offline, copy the data to a folder and "

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -28,10 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from mrmeta.data._download import check_zip_members, download_file, extract_zip, verify_checksum
+from mrmeta._checkpoint import atomic_write_bytes
+from mrmeta.data._download import (
+    check_zip_members,
+    download_file,
+    extract_zip,
+    make_folder,
+    verify_checksum,
+)
 from mrmeta.data._errors import DataError
-from mrmeta.data._png import decode_png
 
 BACKGROUND, EVALUATION = "background", "evaluation"
 SETS = (BACKGROUND, EVALUATION)
@@ -217,12 +222,15 @@ def _read_csv(path: Path) -> dict[str, list[tuple[int, str, str]]]:
 def write_cache(folder: Path, sets: list[CharacterSet]) -> bool:
     """Write the ``.npz`` pair + CSV for a complete PNG tree, atomically; False if not writable."""
     try:
-        _atomic_write(folder / CSV_NAME, _csv_bytes(sets))
+        payload = _csv_bytes(sets)
+        atomic_write_bytes(folder / CSV_NAME, lambda handle: handle.write(payload))
         for cs in sets:
             buffer = io.BytesIO()
             labels = np.repeat(np.arange(len(cs.ids))[:, None], cs.ink.shape[1], axis=1)
             np.savez_compressed(buffer, images=~cs.ink, labels=labels.astype(np.int64))
-            _atomic_write(folder / f"images_{cs.kind}.npz", buffer.getvalue())
+            atomic_write_bytes(
+                folder / f"images_{cs.kind}.npz", lambda h, b=buffer: h.write(b.getvalue())
+            )
     except OSError as err:
         warnings.warn(f"could not cache Omniglot as .npz in {folder} ({err})", stacklevel=3)
         return False
@@ -235,16 +243,6 @@ def _csv_bytes(sets: list[CharacterSet]) -> bytes:
         rows = zip(cs.ids, cs.alphabets, cs.characters, strict=True)
         lines += [f"{cid:04d},{cs.kind},{i},{a},{c}" for i, (cid, a, c) in enumerate(rows)]
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- PNG tree
@@ -268,6 +266,30 @@ def _read_png_set(paths: tuple[Path, ...], kind: str) -> CharacterSet:
             "empty or in another layout"
         )
     return _stack_drawings(kind, drawings, names, paths)
+
+
+def decode_png(data: bytes, *, source: str = "PNG") -> np.ndarray:
+    """Decode a PNG (any bit depth or colour type) to grayscale with Pillow.
+
+    Args:
+        data: the file's bytes.
+        source: the file's name, used in error messages.
+
+    Returns:
+        ``(H, W)`` uint8 array in ``0..255`` (a 1-bit Omniglot drawing gives 0 and 255).
+
+    Raises:
+        DataError: not a PNG, or corrupt/truncated (one line naming ``source``).
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            return np.asarray(image.convert("L"))
+    except UnidentifiedImageError as err:
+        raise DataError(f"{source}: not a PNG file; re-download the archive") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"{source}: not a readable PNG ({err}); the file is corrupt, re-download the archive"
+        ) from err
 
 
 def _stack_drawings(
@@ -321,7 +343,7 @@ def is_complete(sets: list[CharacterSet]) -> bool:
 
 def download(folder: Path, base_url: str = OFFICIAL_URL, timeout: float = 60.0) -> None:
     """Fetch, verify and unpack both official archives into ``folder`` (skipping present ones)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for kind in SETS:
         archive = ARCHIVES[kind]
         if (folder / archive.top).is_dir():

@@ -26,6 +26,7 @@ edges; ink = 255, background = 0, one channel.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def load_omniglot(
     rotations: bool | None = None,
     image_size: int | None = 28,
     download: bool = False,
-    base_url: str = files.OFFICIAL_URL,
+    base_url: str | None = None,
     cache: bool = True,
 ) -> FewShotDataset:
     """Load one split of Omniglot (see the module docstring for the splits).
@@ -85,8 +86,10 @@ def load_omniglot(
         rotations: add 90/180/270-degree rotations as extra classes; default True for
             ``"vinyals"``, False for ``"lake"``.
         image_size: side of the square images (``None``: keep 105).
-        download: fetch the official archives into ``root/omniglot`` if no copy is found.
-        base_url: where the archives are fetched from.
+        download: fetch the official archives into ``root/omniglot`` if no copy is found
+            (checksums verified; a notice on stderr says where they went).
+        base_url: where the archives are fetched from (default: the official repository,
+            ``files.OFFICIAL_URL``).
         cache: convert a complete PNG tree to the fast ``.npz`` pair next to it.
 
     Returns:
@@ -139,11 +142,19 @@ def _locate(root: Path, download: bool, base_url: str) -> files.Source:
             f"images_evaluation/ as folders or zips); {HOW_TO_POINT}, or pass download=True "
             "(--download) to fetch the official archives"
         )
-    files.download(root / "omniglot", base_url)
+    target = root / "omniglot"
+    _notice(f"Omniglot not found in {root}; downloading the official archives into {target}")
+    files.download(target, files.OFFICIAL_URL if base_url is None else base_url)
     source = files.find_source(candidate_dirs(root, ["omniglot"]))
     if source is None:
-        raise DataError(f"Omniglot download into {root / 'omniglot'} left no readable copy")
+        raise DataError(f"Omniglot download into {target} left no readable copy")
+    _notice(f"Omniglot downloaded and verified (md5/sha256) into {target}")
     return source
+
+
+def _notice(message: str) -> None:
+    """A one-line progress notice on stderr (stdout stays for results)."""
+    print(f"mrmeta: {message}", file=sys.stderr, flush=True)
 
 
 @functools.lru_cache(maxsize=2)
