@@ -35,15 +35,15 @@ class MemoryReduced(HeadLearner):
     with respect to ``(Z_s, Z_q)`` and sent into the backbone by one ordinary backward pass:
     the memory is one backbone graph per chunk of tasks, independent of ``K`` and ``N``.
 
-    The paper and the authors' code differ (PAPER.md §2); each difference is an option:
+    The paper and the authors' code differ (docs/method.md §6.1); each difference is an option:
     ``warm_start_head`` (start ``φ⁰`` from the previous iteration's ``φ^K`` of the same task
     slot), ``warm_start_cg`` (start CG from the previous ``v`` of the slot), ``l2`` (``μ``; the
     code uses 0), and the outer optimizer (any ``torch.optim`` optimizer, see :meth:`meta_step`).
 
     Defaults and what was measured with them: ``K = 200``, ``N = 20``, ``inner_lr="auto"``,
     ``μ = 0.01``, no warm starts, a fixed head start. On Omniglot 5-way 1-shot (Lake split,
-    Conv4-64, 16 tasks per batch, Adam 1e-3, 240 s on 2 CPU cores) ``K = 200`` reached 93.1%
-    validation and 93.8% ± 0.5% test accuracy against 86.7% and 88.1% ± 0.7% with the paper's
+    Conv4-64, 16 tasks per batch, Adam 1e-3, 240 s on 2 CPU cores) ``K = 200`` reached 92.78%
+    validation and 93.84% ± 0.50% test accuracy against 86.66% and 88.12% ± 0.72% with the paper's
     ``K = 20`` at the same speed (the head steps are in closed form): the implicit formula needs
     ``φ^K`` near the minimiser, and after 20 steps of size ``1/L`` the head's gradient norm was
     still about 1 (0.12 after 200). Warm starts are off because
@@ -57,7 +57,7 @@ class MemoryReduced(HeadLearner):
         inner_steps: ``K ≥ 0``.
         inner_lr: ``λ``, or ``"auto"`` (default) for ``λ_i = 1/L_i`` from each task's curvature
             bound ``L_i = c‖[Z_s, 1]‖₂²/n + μ`` (linear heads only). A fixed step stops
-            converging once the features grow, and training then collapses (DESIGN.md).
+            converging once the features grow, and training then collapses (docs/design.md §4).
         cg_iters: ``N ≥ 0``; ``0`` drops the implicit term (only ``∇_θ f`` at ``φ^K``).
         l2: ``μ ≥ 0``, the strong-convexity coefficient of the lower level.
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression).
