@@ -100,7 +100,7 @@ def load_image_splits(config: TrainConfig) -> dict[str, FewShotDataset]:
     """The train/val/test splits of an image benchmark (the command trains Conv4 on images)."""
     options: dict[str, Any] = {"root": config.data_root, "download": config.download}
     if config.dataset == "omniglot":
-        options["protocol"] = config.omniglot_split
+        options["split_scheme"] = config.omniglot_split
     splits = {s: load_dataset(config.dataset, s, **options) for s in ("train", "val", "test")}
     if not all(isinstance(d, FewShotDataset) for d in splits.values()):
         raise ConfigError(

@@ -52,7 +52,7 @@ def load_dataset(
             ``"mini-imagenet"``, ``"tiered-imagenet"``, ``"sinusoid"``).
         split: ``"train"``, ``"val"`` or ``"test"`` (Omniglot also ``"trainval"``).
         root: data root; default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``.
-        **options: dataset-specific keywords, e.g. ``protocol="vinyals"``, ``download=True`` or
+        **options: dataset-specific keywords, e.g. ``split_scheme="vinyals"``, ``download=True`` or
             ``image_size=28`` for Omniglot, ``check_classes=False`` for the others.
 
     Returns:
