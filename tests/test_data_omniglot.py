@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from mrmeta.data import DataError, DataNotFoundError, default_data_root, load_dataset
+from mrmeta.data import (
+    DataError,
+    DataNotFoundError,
+    TaskSampler,
+    default_data_root,
+    load_dataset,
+)
 from mrmeta.data import _omniglot_files as files
 from mrmeta.data._png import decode_png
 
@@ -378,7 +384,7 @@ def test_real_npz_without_csv_uses_builtin_id_table(tmp_path):
 @needs_real
 def test_real_tasks():
     ds = load_dataset("omniglot", "train", root=REAL, split_scheme="vinyals")
-    batch = ds.sampler(20, 1, 15, seed=0).sample(8)
+    batch = TaskSampler(ds, 20, 1, 15, seed=0).sample(8)
     assert batch.support_x.shape == (8, 20, 1, 28, 28) and batch.query_x.shape == (
         8,
         300,

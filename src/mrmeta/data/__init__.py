@@ -1,7 +1,9 @@
 """Few-shot data: benchmark loaders, the task sampler, and safe reading of dataset files.
 
-Data flows ``load_dataset(...)`` -> ``dataset.sampler(ways, shots, queries, seed=...)`` ->
-``sampler.sample(batch_size)`` -> :class:`mrmeta.tasks.TaskBatch`.
+Data flows ``load_dataset(...)`` -> ``TaskSampler(dataset, ways, shots, queries, seed=...)``
+(``SinusoidSampler(tasks, shots, queries, seed=...)`` for regression) ->
+``sampler.sample(batch_size)`` -> :class:`mrmeta.tasks.TaskBatch`. Datasets know nothing of
+sampling: the samplers depend on the datasets, never the reverse.
 """
 
 from mrmeta.data._dataset import FewShotDataset

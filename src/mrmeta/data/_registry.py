@@ -56,12 +56,12 @@ def load_dataset(
             ``image_size=28`` for Omniglot, ``check_classes=False`` for the others.
 
     Returns:
-        A :class:`FewShotDataset` (classification) or :class:`SinusoidTasks` (regression); both
-        have ``sampler(ways, shots, queries, seed=...)``.
+        A :class:`FewShotDataset` (classification; draw tasks with :class:`TaskSampler`) or
+        :class:`SinusoidTasks` (regression; draw tasks with :class:`SinusoidSampler`).
 
     Example:
         >>> train = load_dataset("omniglot", "train", root="data/omniglot")
-        >>> batch = train.sampler(ways=5, shots=1, queries=15, seed=0).sample(32)
+        >>> batch = TaskSampler(train, ways=5, shots=1, queries=15, seed=0).sample(32)
 
     Raises:
         DataError: unknown name or option, bad split, bad or missing files (one line, names
