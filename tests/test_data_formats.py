@@ -16,6 +16,7 @@ from mrmeta.data import (
     DataNotFoundError,
     TaskSampler,
     available_datasets,
+    canonical_dataset_name,
     load_dataset,
     load_pickle,
 )
@@ -260,6 +261,11 @@ def test_registry_names_and_errors(tmp_path):
         "tiered-imagenet",
         "sinusoid",
     }
+    images = available_datasets(images_only=True)
+    assert images == tuple(n for n in available_datasets() if n != "sinusoid")
+    assert canonical_dataset_name(" CIFAR_FS ") == "cifar-fs"
+    assert canonical_dataset_name("MiniImageNet") == "mini-imagenet"
+    assert canonical_dataset_name("mnist") not in available_datasets()
     with pytest.raises(DataError, match="unknown dataset 'mnist'; choose one of omniglot"):
         load_dataset("mnist", "train")
     with pytest.raises(DataError, match="no option image_size; valid options: check_classes"):

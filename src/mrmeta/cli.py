@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, ConfigError, TrainConfig, read_toml
+from mrmeta.data import available_datasets
 
 HELP = {
     "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
-    "dataset": "benchmark name (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet)",
+    "dataset": f"image benchmark: {', '.join(available_datasets(images_only=True))}",
     "data_root": "folder holding the dataset files (else $MRMETA_DATA, else ~/.cache/mrmeta)",
     "download": "download the dataset if it is not found (Omniglot only)",
     "omniglot_split": "Omniglot split: lake (by alphabet) or vinyals (1200/423 chars + rotations)",

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,13 @@ from mrmeta._checkpoint import (
 from mrmeta._factory import build_learner, build_model, build_optimizer
 from mrmeta.algorithms.base import CHUNK_STAT_KEYS, MetaLearner, StepStats
 from mrmeta.config import ConfigError, TrainConfig
-from mrmeta.data import FewShotDataset, TaskSampler, load_dataset
+from mrmeta.data import (
+    FewShotDataset,
+    TaskSampler,
+    available_datasets,
+    canonical_dataset_name,
+    load_dataset,
+)
 from mrmeta.distributed import (
     DistContext,
     DistributedError,
@@ -98,17 +104,24 @@ def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
 
 def load_image_splits(config: TrainConfig) -> dict[str, FewShotDataset]:
     """The train/val/test splits of an image benchmark (the command trains Conv4 on images)."""
+    name = _image_dataset_name(config.dataset)
     options: dict[str, Any] = {"root": config.data_root, "download": config.download}
-    if config.dataset == "omniglot":
+    if name == "omniglot":
         options["split_scheme"] = config.omniglot_split
-    splits = {s: load_dataset(config.dataset, s, **options) for s in ("train", "val", "test")}
-    if not all(isinstance(d, FewShotDataset) for d in splits.values()):
-        raise ConfigError(
-            f"--dataset {config.dataset} is not an image benchmark; 'mrmeta train' trains Conv4 "
-            "on images (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet). Use "
-            "mrmeta.data.SinusoidTasks from Python for regression"
-        )
-    return splits
+    splits = ("train", "val", "test")
+    return {s: cast(FewShotDataset, load_dataset(name, s, **options)) for s in splits}
+
+
+def _image_dataset_name(given: str) -> str:
+    """The registry's name of an image benchmark, else a ConfigError listing those there are."""
+    name, images = canonical_dataset_name(given), available_datasets(images_only=True)
+    if name in images:
+        return name
+    what = "not an image benchmark" if name in available_datasets() else "unknown dataset"
+    raise ConfigError(
+        f"--dataset {given}: {what}; 'mrmeta train' trains Conv4 on one of {', '.join(images)} "
+        "(every dataset loads from Python with mrmeta.data.load_dataset)"
+    )
 
 
 class TrainingRun:

@@ -25,6 +25,9 @@ _LOADERS: dict[str, Callable[..., FewShotDataset | SinusoidTasks]] = {
     "tiered-imagenet": load_tiered_imagenet,
     "sinusoid": load_sinusoid,
 }
+# Not image-classification benchmarks: loadable from Python, not trained by ``mrmeta train``
+# (which meta-trains Conv4 on images).
+_LIBRARY_ONLY = frozenset({"sinusoid"})
 _ALIASES = {
     "cifarfs": "cifar-fs",
     "miniimagenet": "mini-imagenet",
@@ -32,12 +35,19 @@ _ALIASES = {
 }
 
 
-def available_datasets() -> tuple[str, ...]:
-    """Names :func:`load_dataset` accepts (case, ``_`` vs ``-`` and a missing dash are forgiven)."""
-    return tuple(_LOADERS)
+def available_datasets(*, images_only: bool = False) -> tuple[str, ...]:
+    """Names :func:`load_dataset` accepts (case, ``_`` vs ``-`` and a missing dash are forgiven).
+
+    Args:
+        images_only: only the image-classification benchmarks, the ones ``mrmeta train`` can
+            meta-train on (``sinusoid`` regression is for the library only).
+    """
+    return tuple(n for n in _LOADERS if not (images_only and n in _LIBRARY_ONLY))
 
 
-def _canonical(name: str) -> str:
+def canonical_dataset_name(name: str) -> str:
+    """The registry's spelling of ``name`` (``"CIFAR_FS"`` → ``"cifar-fs"``); an unknown name
+    comes back lower-cased and dashed, and is then not in :func:`available_datasets`."""
     key = str(name).strip().lower().replace("_", "-")
     return _ALIASES.get(key.replace("-", ""), key)
 
@@ -67,7 +77,7 @@ def load_dataset(
         DataError: unknown name or option, bad split, bad or missing files (one line, names
             the fix).
     """
-    loader = _LOADERS.get(_canonical(name))
+    loader = _LOADERS.get(canonical_dataset_name(name))
     if loader is None:
         raise DataError(
             f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())}"
