@@ -1,4 +1,4 @@
-"""Check the convergence claims of PAPER.md §3 on problems where ∇F is known exactly.
+"""Check the convergence claims (docs/method.md §5) on problems where ∇F is known exactly.
 
 The problems are :mod:`mrmeta.testing`'s: a fixed set of ``M`` tasks whose heads are
 multinomial logistic-regression (``logistic``) or ridge-regression (``ridge``) layers on a shared
@@ -742,7 +742,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     hyper = results[KINDS[0]]["hypergradient"]
     parts = [
-        "# Convergence checks of PAPER.md §3 on exact synthetic problems\n",
+        "# Convergence checks (docs/method.md §5) on exact synthetic problems\n",
         f"Command: `{meta['command']}` — {meta['seconds']:.0f} s with {meta['jobs']} worker "
         f"processes on {meta['machine']}. Everything in float64. Source: "
         "`benchmarks/convergence.py`, problems and reference in `mrmeta.testing`.\n",

@@ -48,7 +48,7 @@ SHAPES = {  # name: (channels, image side, Conv4 filters)
     "mini-imagenet": (3, 84, 32),
 }
 METHODS = ("plain", "mrml", "anil", "itd-bio", "maml", "fomaml", "imaml")
-PAPER_MB = {  # PAPER.md §4, peak GPU memory (MB) at K = 5, 10, 20
+PAPER_MB = {  # docs/paper-results.md §3: the paper's peak GPU memory (MB) at K = 5, 10, 20
     ("cifar-fs", "mrml"): {5: 77.5, 10: 77.7, 20: 78.2},
     ("cifar-fs", "anil"): {5: 149.1, 10: 263.3, 20: 491.7},
     ("cifar-fs", "itd-bio"): {5: 149.1, 10: 263.3, 20: 491.8},

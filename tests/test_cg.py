@@ -124,8 +124,10 @@ def test_batched_equals_independent_solves(iters: int) -> None:
 def test_batched_accepts_a_per_system_scalar_key() -> None:
     """A key of shape ``(B,)`` (one scalar per system) is a valid batched dict.
 
-    Fails on the current code: ``_tree.tree_dot`` uses ``prod.flatten(1)``, which raises
-    IndexError on a 1-D tensor.
+    Batched CG reduces every key over all but its first (system) axis; a 1-D key has no other
+    axis, and its per-system inner products must still be the plain products ``a_t · b_t``
+    (a ``flatten(1)`` there would raise IndexError). Checked on ``H_t = scale_t · I``, where one
+    CG step is exact.
     """
     gen = torch.Generator().manual_seed(4)
     scale = torch.rand(3, generator=gen, dtype=F64) + 1.0  # H = diag(scale_t) on every key

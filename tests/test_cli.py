@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mrmeta.cli import main
+from mrmeta.data import available_datasets
 
 DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(
@@ -323,3 +324,18 @@ def test_vinyals_split_from_the_command_line(tmp_path: Path, capsys) -> None:
     assert json.loads((out / "config.json").read_text())["omniglot_split"] == "vinyals"
     code, _, err = _run(["train", *TINY, "--omniglot-split", "mini", "--out", str(out)], capsys)
     assert code == 2 and "omniglot_split must be one of lake, vinyals" in err
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [("sinusoid", "sinusoid: not an image benchmark"), ("mnist", "mnist: unknown dataset")],
+)
+def test_train_offers_only_the_image_benchmarks(tmp_path: Path, capsys, dataset, message) -> None:
+    """Refused before any data is read; the choices listed are the registry's image
+    benchmarks, without the library-only sinusoid."""
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--dataset", dataset, "--out", str(out)], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    choices = err.split("one of ")[1].split(" (")[0].split(", ")
+    assert choices == list(available_datasets(images_only=True)) and "sinusoid" not in choices
+    assert not out.exists()

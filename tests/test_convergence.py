@@ -1,4 +1,4 @@
-"""Small, fast versions of benchmarks/convergence.py: the convergence claims of PAPER.md §3 on
+"""Small, fast versions of benchmarks/convergence.py: the convergence claims (docs/method.md §5) on
 synthetic problems whose hypergradient is known exactly (:mod:`mrmeta.testing`).
 
 Every margin below was checked against the measured values (quoted next to each assertion);

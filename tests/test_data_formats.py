@@ -14,7 +14,9 @@ import torch
 from mrmeta.data import (
     DataError,
     DataNotFoundError,
+    TaskSampler,
     available_datasets,
+    canonical_dataset_name,
     load_dataset,
     load_pickle,
 )
@@ -137,7 +139,7 @@ def test_cifar_fs_images_follow_their_labels(tmp_path):
     for c in range(ds.num_classes):
         imgs = ds.class_images(c)
         assert bool((imgs[:, 1, 0, 0] == int(ds.class_names[c].split("-")[1])).all())
-    batch = ds.sampler(5, 1, 3, seed=0).sample(4)
+    batch = TaskSampler(ds, 5, 1, 3, seed=0).sample(4)
     assert batch.support_x.shape == (4, 5, 3, 32, 32)
     assert float(batch.support_x.max()) <= 1.0
 
@@ -232,10 +234,10 @@ def test_tiered_imagenet_npz_and_labels(tmp_path):
     assert ds.class_names == ("a", "b", "c") and ds.class_counts.tolist() == [4, 2, 5]
     for c in range(3):
         assert set(ds.class_images(c)[:, 1, 0, 0].tolist()) == {c}
-    batch = ds.sampler(3, 1, 1, seed=0).sample(50)
+    batch = TaskSampler(ds, 3, 1, 1, seed=0).sample(50)
     assert batch.query_x.shape == (50, 3, 3, 84, 84)
     with pytest.raises(DataError, match="smallest class"):
-        ds.sampler(3, 2, 1)
+        TaskSampler(ds, 3, 2, 1)
     with pytest.raises(DataError, match="has 97"):
         load_dataset("tiered-imagenet", "val", root=tmp_path)
 
@@ -259,6 +261,11 @@ def test_registry_names_and_errors(tmp_path):
         "tiered-imagenet",
         "sinusoid",
     }
+    images = available_datasets(images_only=True)
+    assert images == tuple(n for n in available_datasets() if n != "sinusoid")
+    assert canonical_dataset_name(" CIFAR_FS ") == "cifar-fs"
+    assert canonical_dataset_name("MiniImageNet") == "mini-imagenet"
+    assert canonical_dataset_name("mnist") not in available_datasets()
     with pytest.raises(DataError, match="unknown dataset 'mnist'; choose one of omniglot"):
         load_dataset("mnist", "train")
     with pytest.raises(DataError, match="no option image_size; valid options: check_classes"):

@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from mrmeta.cli import main as cli_main
-from mrmeta.data import DataError, DataNotFoundError, default_data_root, load_dataset
+from mrmeta.data import (
+    DataError,
+    DataNotFoundError,
+    TaskSampler,
+    default_data_root,
+    load_dataset,
+)
 from mrmeta.data import _omniglot_files as files
 
 REAL = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data") / "omniglot"
@@ -327,7 +333,7 @@ def test_empty_png_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"protocol": "snell"}, "no protocol"), ({"image_size": 0}, "image_size")],
+    [({"split_scheme": "snell"}, "no split scheme"), ({"image_size": 0}, "image_size")],
 )
 def test_bad_options(tmp_path, options, message):
     with pytest.raises(DataError, match=message):
@@ -350,16 +356,16 @@ def base_names(names: tuple[str, ...]) -> set[str]:
 @pytest.mark.data
 @needs_real
 @pytest.mark.parametrize(
-    ("protocol", "rotations", "counts"),
+    ("split_scheme", "rotations", "counts"),
     [
         ("lake", False, {"train": 792, "val": 172, "test": 659, "trainval": 964}),
         ("vinyals", False, {"train": 1028, "val": 172, "test": 423, "trainval": 1200}),
         ("vinyals", True, {"train": 4112, "val": 688, "test": 1692, "trainval": 4800}),
     ],
 )
-def test_real_split_sizes_cover_1623_disjoint_characters(protocol, rotations, counts):
+def test_real_split_sizes_cover_1623_disjoint_characters(split_scheme, rotations, counts):
     splits = {
-        s: load_dataset("omniglot", s, root=REAL, protocol=protocol, rotations=rotations)
+        s: load_dataset("omniglot", s, root=REAL, split_scheme=split_scheme, rotations=rotations)
         for s in counts
     }
     assert {s: ds.num_classes for s, ds in splits.items()} == counts
@@ -385,10 +391,10 @@ def test_real_images_are_28x28_nonempty_ink_255():
 @pytest.mark.data
 @needs_real
 def test_real_vinyals_test_split_is_the_published_one():
-    test = load_dataset("omniglot", "test", root=REAL, protocol="vinyals", rotations=False)
+    test = load_dataset("omniglot", "test", root=REAL, split_scheme="vinyals", rotations=False)
     gurmukhi = sorted(n for n in test.class_names if n.startswith("Gurmukhi/"))
     assert gurmukhi == [f"Gurmukhi/character{i}" for i in range(42, 46)]
-    val = load_dataset("omniglot", "val", root=REAL, protocol="vinyals", rotations=False)
+    val = load_dataset("omniglot", "val", root=REAL, split_scheme="vinyals", rotations=False)
     assert {n.split("/")[0] for n in val.class_names} == {
         "Armenian",
         "Bengali",
@@ -428,8 +434,8 @@ def test_real_npz_without_csv_uses_builtin_id_table(tmp_path):
 @pytest.mark.data
 @needs_real
 def test_real_tasks():
-    ds = load_dataset("omniglot", "train", root=REAL, protocol="vinyals")
-    batch = ds.sampler(20, 1, 15, seed=0).sample(8)
+    ds = load_dataset("omniglot", "train", root=REAL, split_scheme="vinyals")
+    batch = TaskSampler(ds, 20, 1, 15, seed=0).sample(8)
     assert batch.support_x.shape == (8, 20, 1, 28, 28) and batch.query_x.shape == (
         8,
         300,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import mrmeta.data._dataset as dataset_module
 from mrmeta.data import DataError, FewShotDataset, TaskSampler
 from mrmeta.tasks import TaskBatch
 
@@ -152,8 +156,8 @@ def test_bad_batch_size_and_seed_arguments():
         TaskSampler(coded_dataset(), 2, 1, 1, seed=0, generator=torch.Generator())
 
 
-def test_zero_queries_and_dataset_sampler_method():
-    batch = coded_dataset().sampler(2, 3, 0, seed=0).sample(2)
+def test_zero_queries():
+    batch = TaskSampler(coded_dataset(), 2, 3, 0, seed=0).sample(2)
     assert batch.query_x.shape == (2, 0, 1, 3, 3) and batch.support_y.tolist()[0] == [
         0,
         0,
@@ -174,3 +178,16 @@ def test_dataset_rejects_bad_tables():
         FewShotDataset(images.float(), torch.tensor([[0, 1]]), ("a",))
     with pytest.raises(DataError, match="class names"):
         FewShotDataset(images, torch.tensor([[0, 1]]), ("a", "b"))
+
+
+def test_datasets_do_not_depend_on_the_sampler() -> None:
+    """The sampler imports the dataset module, never the reverse (not even lazily inside a
+    method or for type hints), so the two modules form no import cycle."""
+    tree = ast.parse(Path(dataset_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert "mrmeta.data._sampler" not in imported

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from mrmeta.data import DataError, SinusoidTasks, load_dataset
+from mrmeta.data import DataError, SinusoidSampler, SinusoidTasks, load_dataset
 
 
 def test_shapes_ranges_and_function():
-    sampler = SinusoidTasks().sampler(shots=5, queries=7, seed=0)
+    sampler = SinusoidSampler(SinusoidTasks(), shots=5, queries=7, seed=0)
     batch, amplitude, phase = sampler.sample_with_params(1000)
     assert batch.support_x.shape == (1000, 5, 1) and batch.support_y.shape == (1000, 5, 1)
     assert batch.query_x.shape == (1000, 7, 1) and batch.query_y.dtype == torch.float32
@@ -29,11 +29,11 @@ def test_shapes_ranges_and_function():
 
 def test_seeds_and_resume():
     tasks = SinusoidTasks()
-    a = tasks.sampler(1, 4, 4, seed=3).sample(8)
-    b = tasks.sampler(1, 4, 4, seed=3).sample(8)
-    c = tasks.sampler(1, 4, 4, seed=4).sample(8)
+    a = SinusoidSampler(tasks, 4, 4, seed=3).sample(8)
+    b = SinusoidSampler(tasks, 4, 4, seed=3).sample(8)
+    c = SinusoidSampler(tasks, 4, 4, seed=4).sample(8)
     assert torch.equal(a.support_y, b.support_y) and not torch.equal(a.support_y, c.support_y)
-    sampler = tasks.sampler(1, 4, 4, seed=3)
+    sampler = SinusoidSampler(tasks, 4, 4, seed=3)
     state = sampler.state_dict()
     first = sampler.sample(8)
     sampler.load_state_dict(state)
@@ -43,10 +43,8 @@ def test_seeds_and_resume():
 def test_registry_and_bad_input():
     tasks = load_dataset("sinusoid", "test", amplitude=(1.0, 2.0))
     assert isinstance(tasks, SinusoidTasks) and tasks.amplitude == (1.0, 2.0)
-    with pytest.raises(DataError, match="ways=1"):
-        tasks.sampler(5, 10, 10)
     with pytest.raises(DataError, match="shots must be"):
-        tasks.sampler(1, 0, 10)
+        SinusoidSampler(tasks, 0, 10)
     with pytest.raises(DataError, match="finite"):
         SinusoidTasks(amplitude=(2.0, 1.0))
     with pytest.raises(DataError, match="no split"):

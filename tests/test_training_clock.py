@@ -11,9 +11,7 @@ import pytest
 
 from mrmeta.cli import main
 
-DATA_ROOT = Path(
-    os.environ.get("MRMETA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(
     not (DATA_ROOT / "omniglot" / "images_background.npz").exists(),
     reason="real Omniglot copy not found (set MRMETA_DATA)",

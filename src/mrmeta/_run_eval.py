@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +20,13 @@ from mrmeta._factory import build_learner, build_model
 from mrmeta._run_folder import BEST, LAST, RunFolder
 from mrmeta.algorithms.base import MetaLearner
 from mrmeta.config import TrainConfig
-from mrmeta.data import FewShotDataset, TaskSampler, load_dataset
+from mrmeta.data import (
+    FewShotDataset,
+    TaskSampler,
+    available_datasets,
+    canonical_dataset_name,
+    load_dataset,
+)
 from mrmeta.errors import ConfigError
 from mrmeta.evaluate import EvalResult, evaluate
 
@@ -56,18 +62,24 @@ def data_root_for(given: str | None, saved: str | None) -> str | None:
 
 
 def load_split(config: TrainConfig, split: str) -> FewShotDataset:
-    """One split of the run's image benchmark (the command trains Conv4 on images)."""
+    """One split of the run's image benchmark (the command trains on images)."""
+    name = image_dataset_name(config.dataset)
     options: dict[str, Any] = {"root": config.data_root}
-    if config.dataset == "omniglot":  # the only dataset with a download source
-        options.update(protocol=config.omniglot_split, download=config.download)
-    dataset = load_dataset(config.dataset, split, **options)
-    if not isinstance(dataset, FewShotDataset):
-        raise ConfigError(
-            f"--dataset {config.dataset} is not an image benchmark; 'mrmeta train' trains Conv4 "
-            "on images (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet). Use "
-            "mrmeta.data.SinusoidTasks from Python for regression"
-        )
-    return dataset
+    if name == "omniglot":  # the only dataset with a download source
+        options.update(split_scheme=config.omniglot_split, download=config.download)
+    return cast(FewShotDataset, load_dataset(name, split, **options))
+
+
+def image_dataset_name(given: str) -> str:
+    """The registry's name of an image benchmark, else a ConfigError listing those there are."""
+    name, images = canonical_dataset_name(given), available_datasets(images_only=True)
+    if name in images:
+        return name
+    what = "not an image benchmark" if name in available_datasets() else "unknown dataset"
+    raise ConfigError(
+        f"--dataset {given}: {what}; 'mrmeta train' trains on one of {', '.join(images)} "
+        "(every dataset loads from Python with mrmeta.data.load_dataset)"
+    )
 
 
 def split_sampler(config: TrainConfig, dataset: FewShotDataset, seed: int) -> TaskSampler:

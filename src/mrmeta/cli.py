@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, TrainConfig, read_toml
+from mrmeta.data import available_datasets
 from mrmeta.errors import (
     DataError,
     MrmetaError,
@@ -21,7 +22,7 @@ from mrmeta.errors import (
 
 HELP = {
     "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
-    "dataset": "benchmark name (omniglot, cifar-fs, fc100, mini-imagenet, tiered-imagenet)",
+    "dataset": f"image benchmark: {', '.join(available_datasets(images_only=True))}",
     "data_root": "folder holding the dataset files (else $MRMETA_DATA, else ~/.cache/mrmeta)",
     "download": "download Omniglot's official archives into the data root if no copy is found "
     "(--no-download forbids it; other datasets are bring-your-own)",

@@ -1,7 +1,7 @@
 """Implicit differentiation: conjugate gradient (Subroutine 1) and the IFT hypergradient.
 
 For the bilevel problem ``min_θ f(θ, φ*(θ))`` with ``φ*(θ) = argmin_φ g(θ, φ)`` the implicit
-function theorem gives (PAPER.md §1)::
+function theorem gives (docs/method.md §2)::
 
     ∇F(θ) = ∇_θ f(θ, φ*) − ∇²_{θφ} g(θ, φ*) · [∇²_φ g(θ, φ*)]⁻¹ · ∇_φ f(θ, φ*)
 

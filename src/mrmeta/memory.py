@@ -2,7 +2,7 @@
 
 One number per method: the peak number of bytes PyTorch allocated while a function ran, above
 what was allocated when it started. On CPU it is read from the PyTorch profiler's allocation
-trace; on CUDA from the caching allocator's statistics (see DESIGN.md, "Measuring").
+trace; on CUDA from the caching allocator's statistics (see docs/design.md §7.1).
 """
 
 from __future__ import annotations

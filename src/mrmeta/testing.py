@@ -11,14 +11,14 @@ and ``c``) on the features ``Z = tanh(X A)``::
 
 with ``ℓ`` the mean softmax cross-entropy (multinomial logistic regression, ``"logistic"``) or
 the mean squared error (ridge regression, ``"ridge"``). ``g_i`` is ``μ``-strongly convex in
-``φ`` through its L2 term, as PAPER.md §3 assumes.
+``φ`` through its L2 term, as the theory assumes (docs/method.md §5).
 
 Two independent ways of getting the hypergradient live here:
 
 * :func:`exact_hypergradient` — the reference: ``φ*`` by damped Newton to machine precision,
   dense Hessians and mixed Jacobians from :mod:`torch.func`, ``torch.linalg.solve``, on a flat
   parameterisation written from scratch (it shares no code with the algorithm);
-* :func:`estimate_hypergradient` — Algorithm 1 (PAPER.md §2) on the product's own path:
+* :func:`estimate_hypergradient` — Algorithm 1 (docs/method.md §3) on the product's own path:
   ``K`` gradient steps at step ``1/L_i`` per task (:func:`mrmeta.lower_level.solve_lower_level`),
   ``N`` steps of conjugate gradient in :func:`mrmeta.lower_level.head_hypergradient`, warm starts
   of ``φ`` and ``v`` kept per task in :class:`WarmStarts`.
@@ -26,7 +26,7 @@ Two independent ways of getting the hypergradient live here:
 :func:`run_algorithm1` iterates ``θ ← θ − λ_θ ĝ`` on full or sampled task batches and records
 the exact stationarity measure ``‖∇F(θ_t)‖²``; :func:`exact_gradient_descent` is the reference
 trajectory and :func:`replay_errors` measures ``‖ĝ − ∇F‖ / ‖∇F‖`` along a fixed trajectory.
-``benchmarks/convergence.py`` uses them to check the convergence claims of PAPER.md §3.
+``benchmarks/convergence.py`` uses them to check the convergence claims (docs/method.md §5).
 Everything is meant for float64.
 
 Example:
@@ -323,7 +323,7 @@ def exact_hypergradient(
     problem: SyntheticProblem, theta: Tensor, start: Tensor | None = None
 ) -> ExactHypergradient:
     """``∇F(θ) = (1/M) Σ_i [∇_θ f_i − (∂_θ ∇_φ g_i)ᵀ (∇²_φ g_i)⁻¹ ∇_φ f_i]`` at ``φ_i*(θ)``,
-    with dense matrices and ``torch.linalg.solve`` (PAPER.md §1).
+    with dense matrices and ``torch.linalg.solve`` (docs/method.md §2).
 
     Args:
         problem: the tasks.

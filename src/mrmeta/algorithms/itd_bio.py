@@ -12,7 +12,7 @@ from mrmeta.algorithms._head_learner import HeadUnrolledLearner
 class ITDBiO(HeadUnrolledLearner):
     r"""Bilevel optimisation by iterative differentiation through ``K`` head steps.
 
-    The same bilevel problem as :class:`~mrmeta.MemoryReduced` (PAPER.md §1) with its default
+    The same bilevel problem as :class:`~mrmeta.MemoryReduced` (docs/method.md §1) with its default
     lower level, but the hypergradient comes from back-propagating through the steps instead
     of the implicit function theorem. For task ``t`` with support features
     ``Z_s = backbone_θ(x_s)`` and query features ``Z_q`` (each computed once)::

@@ -44,9 +44,9 @@ class MemoryReduced(HeadLearner):
     (the head problem's Hessian is ``μI`` plus a term of rank ≤ n·C) reaches ``1e-6`` in about
     5–8 iterations (``inner_iterations`` and ``inner_grad_norm`` in the step's statistics).
     The paper's configuration is ``inner_solver="gd", inner_steps=20, cg_iters=20`` with a
-    fixed ``inner_lr`` (0.1 or 0.05) and ``l2=0`` in the authors' code (docs/method.md).
+    fixed ``inner_lr`` (0.1 or 0.05) and ``l2=0`` in the authors' code (docs/method.md §6.1).
 
-    The paper and the authors' code differ in more ways (docs/method.md); each is an option:
+    The paper and the authors' code differ in more ways (docs/method.md §6); each is an option:
     ``warm_start_head`` (start ``φ`` from the previous iteration's solution of the same task
     slot), ``warm_start_cg`` (start CG from the previous ``v`` of the slot), ``l2`` (``μ``),
     and the outer optimizer (any ``torch.optim`` optimizer, see :meth:`meta_step`). Warm starts
@@ -63,7 +63,7 @@ class MemoryReduced(HeadLearner):
         inner_lr: the gradient step ``λ`` (``"gd"`` only), or ``"auto"`` (default) for
             ``λ_i = 1/L_i`` from each task's curvature bound ``L_i = c‖[Z_s, 1]‖₂²/n + μ``
             (linear heads only). A fixed step stops converging once the features grow, and
-            training then collapses (docs/design.md).
+            training then collapses (docs/design.md §4).
         cg_iters: ``N ≥ 0``; ``0`` drops the implicit term (only ``∇_θ f`` at ``φ``).
         cg_tol: CG stops early once its residual norm is below this.
         l2: ``μ ≥ 0``, the strong-convexity coefficient of the lower level.

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mrmeta.data._errors import DataError
-
-if TYPE_CHECKING:
-    from mrmeta.data._sampler import TaskSampler
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,20 +138,6 @@ class FewShotDataset:
         return FewShotDataset(
             self.images.to(device), self.class_rows, self.class_names, self.name, self.split
         )
-
-    def sampler(
-        self,
-        ways: int,
-        shots: int,
-        queries: int,
-        *,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> TaskSampler:
-        """A :class:`TaskSampler` of ``ways``-way ``shots``-shot ``queries``-query tasks."""
-        from mrmeta.data._sampler import TaskSampler
-
-        return TaskSampler(self, ways, shots, queries, seed=seed, generator=generator)
 
 
 def rows_by_label(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,9 @@ _LOADERS: dict[str, Callable[..., FewShotDataset | SinusoidTasks]] = {
     "tiered-imagenet": load_tiered_imagenet,
     "sinusoid": load_sinusoid,
 }
+# Not image-classification benchmarks: loadable from Python, not trained by ``mrmeta train``
+# (which meta-trains Conv4 on images).
+_LIBRARY_ONLY = frozenset({"sinusoid"})
 _ALIASES = {
     "cifarfs": "cifar-fs",
     "miniimagenet": "mini-imagenet",
@@ -32,12 +35,19 @@ _ALIASES = {
 }
 
 
-def available_datasets() -> tuple[str, ...]:
-    """Names :func:`load_dataset` accepts (case, ``_`` vs ``-`` and a missing dash are forgiven)."""
-    return tuple(_LOADERS)
+def available_datasets(*, images_only: bool = False) -> tuple[str, ...]:
+    """Names :func:`load_dataset` accepts (case, ``_`` vs ``-`` and a missing dash are forgiven).
+
+    Args:
+        images_only: only the image-classification benchmarks, the ones ``mrmeta train`` can
+            meta-train on (``sinusoid`` regression is for the library only).
+    """
+    return tuple(n for n in _LOADERS if not (images_only and n in _LIBRARY_ONLY))
 
 
-def _canonical(name: str) -> str:
+def canonical_dataset_name(name: str) -> str:
+    """The registry's spelling of ``name`` (``"CIFAR_FS"`` → ``"cifar-fs"``); an unknown name
+    comes back lower-cased and dashed, and is then not in :func:`available_datasets`."""
     key = str(name).strip().lower().replace("_", "-")
     return _ALIASES.get(key.replace("-", ""), key)
 
@@ -52,22 +62,22 @@ def load_dataset(
             ``"mini-imagenet"``, ``"tiered-imagenet"``, ``"sinusoid"``).
         split: ``"train"``, ``"val"`` or ``"test"`` (Omniglot also ``"trainval"``).
         root: data root; default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``.
-        **options: dataset-specific keywords, e.g. ``protocol="vinyals"``, ``download=True`` or
+        **options: dataset-specific keywords, e.g. ``split_scheme="vinyals"``, ``download=True`` or
             ``image_size=28`` for Omniglot, ``check_classes=False`` for the others.
 
     Returns:
-        A :class:`FewShotDataset` (classification) or :class:`SinusoidTasks` (regression); both
-        have ``sampler(ways, shots, queries, seed=...)``.
+        A :class:`FewShotDataset` (classification; draw tasks with :class:`TaskSampler`) or
+        :class:`SinusoidTasks` (regression; draw tasks with :class:`SinusoidSampler`).
 
     Example:
         >>> train = load_dataset("omniglot", "train", root="data/omniglot")
-        >>> batch = train.sampler(ways=5, shots=1, queries=15, seed=0).sample(32)
+        >>> batch = TaskSampler(train, ways=5, shots=1, queries=15, seed=0).sample(32)
 
     Raises:
         DataError: unknown name or option, bad split, bad or missing files (one line, names
             the fix).
     """
-    loader = _LOADERS.get(_canonical(name))
+    loader = _LOADERS.get(canonical_dataset_name(name))
     if loader is None:
         raise DataError(
             f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())}"

@@ -1,15 +1,15 @@
 """Omniglot (Lake et al., Science 2015): 1623 handwritten characters from 50 alphabets, 20 each.
 
-Two split protocols:
+Two split schemes (which characters go to which split):
 
-``protocol="lake"`` (default), Lake's official alphabet split:
+``split_scheme="lake"`` (default), Lake's official alphabet split:
     ``train``: the 30 background alphabets minus the 5 held out for validation (792 characters);
     ``val``: the background alphabets Armenian, Bengali, Early_Aramaic, Hebrew and
     Mkhedruli_(Georgian) (172 characters, the same alphabets as the Vinyals validation split);
     ``test``: the 20 evaluation alphabets (659 characters); ``trainval``: all 964 background
     characters. No rotations unless ``rotations=True``.
 
-``protocol="vinyals"``, the character-level split of Vinyals et al. (2016) used by MAML-style
+``split_scheme="vinyals"``, the character-level split of Vinyals et al. (2016) used by MAML-style
 papers, exactly as distributed with Snell et al.'s prototypical networks
 (``splits/vinyals/{train,val,test}.txt``):
     ``test``: 423 characters, the evaluation alphabets Kannada, Keble, Malayalam, Manipuri,
@@ -42,7 +42,7 @@ from mrmeta.data._paths import HOW_TO_POINT, candidate_dirs, resolve_root
 
 NAME = "omniglot"
 SPLITS = ("train", "val", "test", "trainval")
-PROTOCOLS = ("lake", "vinyals")
+SPLIT_SCHEMES = ("lake", "vinyals")
 VAL_ALPHABETS = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
 # fmt: off
 VINYALS_TEST_ALPHABETS = (
@@ -69,7 +69,7 @@ def load_omniglot(
     split: str = "train",
     root: str | Path | None = None,
     *,
-    protocol: str = "lake",
+    split_scheme: str = "lake",
     rotations: bool | None = None,
     image_size: int | None = 28,
     download: bool = False,
@@ -82,7 +82,8 @@ def load_omniglot(
         split: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``.
         root: folder holding the data (or an ``omniglot/`` subfolder of it); default
             ``$MRMETA_DATA``, else ``~/.cache/mrmeta``.
-        protocol: ``"lake"`` (alphabet split, default) or ``"vinyals"`` (1200/423 characters).
+        split_scheme: ``"lake"`` (alphabet split, default) or ``"vinyals"`` (1200/423
+            characters).
         rotations: add 90/180/270-degree rotations as extra classes; default True for
             ``"vinyals"``, False for ``"lake"``.
         image_size: side of the square images (``None``: keep 105).
@@ -99,32 +100,33 @@ def load_omniglot(
     Raises:
         DataNotFoundError: no copy found and ``download`` is False (names ``--data-root`` and
             ``MRMETA_DATA``).
-        DataError: bad split/protocol/size, malformed files, failed or corrupt download.
+        DataError: bad split/split scheme/size, malformed files, failed or corrupt download.
     """
-    _check_options(split, protocol, image_size)
+    _check_options(split, split_scheme, image_size)
     source = _locate(resolve_root(root), download, base_url)
     chars = _load_characters(source, image_size, cache)
-    keep = [_in_split(protocol, split, k, a, c) for k, a, c in _infos(chars)]
+    keep = [_in_split(split_scheme, split, k, a, c) for k, a, c in _infos(chars)]
     if not any(keep):
         raise DataError(
-            f"omniglot {protocol} '{split}' has no characters in {source.folder}: the copy there "
-            f"holds only {sorted(set(chars.kinds))}; add the missing images_* set"
+            f"omniglot {split_scheme} '{split}' has no characters in {source.folder}: the copy "
+            f"there holds only {sorted(set(chars.kinds))}; add the missing images_* set"
         )
     index = torch.tensor(np.flatnonzero(keep))
     images = chars.images.index_select(0, index)
     names = [f"{chars.alphabets[i]}/{chars.characters[i]}" for i in index.tolist()]
-    with_rotations = protocol == "vinyals" if rotations is None else bool(rotations)
+    with_rotations = split_scheme == "vinyals" if rotations is None else bool(rotations)
     if with_rotations:
         images, names = _add_rotations(images, names)
     return FewShotDataset.from_class_tensor(images, names, name=NAME, split=split)
 
 
-def _check_options(split: str, protocol: str, image_size: int | None) -> None:
+def _check_options(split: str, split_scheme: str, image_size: int | None) -> None:
     if split not in SPLITS:
         raise DataError(f"omniglot has no split {split!r}; choose one of {', '.join(SPLITS)}")
-    if protocol not in PROTOCOLS:
+    if split_scheme not in SPLIT_SCHEMES:
         raise DataError(
-            f"omniglot has no protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}"
+            f"omniglot has no split scheme {split_scheme!r}; choose one of "
+            f"{', '.join(SPLIT_SCHEMES)}"
         )
     if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
         raise DataError(f"image_size must be a positive integer or None, got {image_size!r}")
@@ -198,9 +200,9 @@ def resize_ink(ink: np.ndarray, size: int | None) -> Tensor:
     return out.reshape(n, d, 1, size, size)
 
 
-def _in_split(protocol: str, split: str, kind: str, alphabet: str, character: str) -> bool:
-    """Whether a character belongs to ``split`` under ``protocol``."""
-    if protocol == "lake":
+def _in_split(scheme: str, split: str, kind: str, alphabet: str, character: str) -> bool:
+    """Whether a character belongs to ``split`` under the split ``scheme``."""
+    if scheme == "lake":
         held_out = alphabet in VAL_ALPHABETS
         test, val = kind == files.EVALUATION, kind == files.BACKGROUND and held_out
     else:

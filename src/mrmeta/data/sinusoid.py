@@ -36,7 +36,7 @@ class SinusoidTasks:
         name: ``"sinusoid"``.
 
     Example:
-        >>> sampler = SinusoidTasks().sampler(shots=10, queries=10, seed=0)
+        >>> sampler = SinusoidSampler(SinusoidTasks(), shots=10, queries=10, seed=0)
         >>> batch = sampler.sample(25)
         >>> batch.support_x.shape, batch.support_y.shape
         (torch.Size([25, 10, 1]), torch.Size([25, 10, 1]))
@@ -55,24 +55,6 @@ class SinusoidTasks:
                 raise DataError(
                     f"sinusoid {label} must be a finite (low, high) range, got {(low, high)}"
                 )
-
-    def sampler(
-        self,
-        ways: int = 1,
-        shots: int = 10,
-        queries: int = 10,
-        *,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> SinusoidSampler:
-        """A sampler of ``shots``-point support and ``queries``-point query sets.
-
-        ``ways`` exists for a signature shared with classification datasets; regression tasks
-        have no classes, so it must be 1.
-        """
-        if ways != 1:
-            raise DataError(f"sinusoid regression has no classes: use ways=1 (got {ways})")
-        return SinusoidSampler(self, shots, queries, seed=seed, generator=generator)
 
 
 class SinusoidSampler:
