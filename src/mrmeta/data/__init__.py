@@ -7,7 +7,12 @@ Data flows ``load_dataset(...)`` -> ``dataset.sampler(ways, shots, queries, seed
 from mrmeta.data._dataset import FewShotDataset
 from mrmeta.data._errors import DataError, DataNotFoundError
 from mrmeta.data._paths import ENV_VAR, default_data_root
-from mrmeta.data._registry import available_datasets, load_dataset
+from mrmeta.data._registry import (
+    available_datasets,
+    image_datasets,
+    is_image_dataset,
+    load_dataset,
+)
 from mrmeta.data._safe_pickle import RestrictedUnpickler, load_pickle
 from mrmeta.data._sampler import TaskSampler
 from mrmeta.data.sinusoid import SinusoidSampler, SinusoidTasks
@@ -23,6 +28,8 @@ __all__ = [
     "TaskSampler",
     "available_datasets",
     "default_data_root",
+    "image_datasets",
+    "is_image_dataset",
     "load_dataset",
     "load_pickle",
 ]

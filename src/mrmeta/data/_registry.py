@@ -37,6 +37,16 @@ def available_datasets() -> tuple[str, ...]:
     return tuple(_LOADERS)
 
 
+def image_datasets() -> tuple[str, ...]:
+    """The classification benchmarks (``mrmeta train`` trains on these; not ``sinusoid``)."""
+    return tuple(name for name in _LOADERS if name != "sinusoid")
+
+
+def is_image_dataset(name: str) -> bool:
+    """Whether ``name`` (spelled as :func:`load_dataset` forgives) is in :func:`image_datasets`."""
+    return _canonical(name) in image_datasets()
+
+
 def _canonical(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     return _ALIASES.get(key.replace("-", ""), key)
