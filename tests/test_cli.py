@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mrmeta import __version__
+from mrmeta._factory import build_learner, build_model
 from mrmeta.cli import _accuracy_text, build_parser, config_from_args, main
 from mrmeta.config import APPLIES_TO, ConfigError, TrainConfig
 
@@ -436,3 +437,9 @@ def test_one_task_accuracy_shows_no_confidence_interval() -> None:
         _accuracy_text(0.5, 0.0, 1, "native") == "50.00% (1 task: no confidence interval, native)"
     )
     assert _accuracy_text(0.5, 0.01, 600, "native") == "50.00% ± 1.00% (95% CI, 600 tasks, native)"
+
+
+def test_learner_option_errors_name_the_flag() -> None:
+    config = TrainConfig(algo="maml", inner_lr="auto", hidden=8)
+    with pytest.raises(ConfigError, match="^--algo maml: --inner-lr must be a number"):
+        build_learner(config, build_model(config, (1, 28, 28)))

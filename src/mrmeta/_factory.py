@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -106,7 +107,15 @@ def build_learner(config: TrainConfig, model: Conv4) -> MetaLearner:
     try:
         return _BUILDERS[config.algo](config, model)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--algo {config.algo}: {err}") from err
+        raise ConfigError(f"--algo {config.algo}: {_as_flags(str(err))}") from err
+
+
+def _as_flags(message: str) -> str:
+    """``message`` with a leading option name as its flag (``inner_lr`` → ``--inner-lr``)."""
+    first, _, rest = message.partition(" ")
+    if first in {f.name for f in fields(TrainConfig)}:
+        return f"--{first.replace('_', '-')} {rest}"
+    return message
 
 
 def build_optimizer(config: TrainConfig, learner: MetaLearner | nn.Module) -> torch.optim.Optimizer:
