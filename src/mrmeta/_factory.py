@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -72,7 +73,15 @@ def build_learner(config: TrainConfig, model: Conv4) -> MetaLearner:
             return cls(model.backbone, model.head, **learner_options(config))
         return cls(model, **learner_options(config))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--algo {config.algo}: {err}") from err
+        raise ConfigError(f"--algo {config.algo}: {_as_flags(str(err))}") from err
+
+
+def _as_flags(message: str) -> str:
+    """``message`` with a leading option name as its flag (``inner_lr`` → ``--inner-lr``)."""
+    first, _, rest = message.partition(" ")
+    if first in {f.name for f in fields(TrainConfig)}:
+        return f"--{first.replace('_', '-')} {rest}"
+    return message
 
 
 def build_optimizer(config: TrainConfig, learner: MetaLearner | nn.Module) -> torch.optim.Optimizer:

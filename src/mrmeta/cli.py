@@ -9,7 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, TrainConfig, read_toml
+from mrmeta import __version__
+from mrmeta.config import (
+    ALGORITHMS,
+    OPTIMIZERS,
+    PROTOCOLS,
+    ConfigError,
+    TrainConfig,
+    options_not_applying,
+    read_toml,
+)
 from mrmeta.data import available_datasets
 from mrmeta.errors import (
     DataError,
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mrmeta", description="Memory-reduced meta-learning and its baselines."
     )
+    parser.add_argument("--version", action="version", version=f"mrmeta {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train, validate, test")
     train.add_argument(
@@ -184,9 +194,42 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, overridden by the TOML file, overridden by the flags."""
-    return TrainConfig.from_dict(given_settings(args), source=str(args.config or "flags"))
+    """Defaults, overridden by the TOML file, overridden by the flags.
+
+    Errors name each key as its user wrote it: ``--time-budget`` for a flag,
+    ``run.toml: time_budget`` for a key of the file. An option the chosen algorithm does not
+    have (:data:`mrmeta.config.APPLIES_TO`) is refused when the flags or the file set it;
+    options left out keep their defaults and are never refused.
+    """
+    file_values = read_toml(args.config) if args.config is not None else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flag_values = {k: v for k, v in vars(args).items() if k in names}
+    typed = {key.replace("-", "_"): key for key in file_values}
+
+    def name(key: str) -> str:
+        return _flag(key) if key in flag_values else f"{args.config}: {typed.get(key, key)}"
+
+    values = {**{k.replace("-", "_"): v for k, v in file_values.items()}, **flag_values}
+    config = TrainConfig.from_dict(values, name=name)
+    problems = options_not_applying(config.algo, values)
+    problems += _dataset_problem(config.dataset)
+    if problems:
+        raise ConfigError(problems=problems).renamed(name)
+    return config
+
+
+def _dataset_problem(dataset: str) -> list[tuple[str, str]]:
+    """``[("dataset", why)]`` unless ``dataset`` names an image benchmark 'train' can train."""
+    from mrmeta.data import image_datasets, is_image_dataset
+
+    if is_image_dataset(dataset):
+        return []
+    return [("dataset", f"must be one of {', '.join(image_datasets())}; got {dataset!r}")]
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -201,13 +244,19 @@ def _run_train(args: argparse.Namespace) -> None:
         return
     if result["test_accuracy"] is None:
         print(f"no test (--test-tasks 0); best validation accuracy "
-              f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")  # fmt: skip
+              f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")
         return
-    print(
-        f"test accuracy: {100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
-        f"(95% CI, {result['test_tasks']} tasks, {result['test_protocol']}); "
-        f"results in {args.out}"
+    accuracy = _accuracy_text(
+        result["test_accuracy"], result["test_ci95"], result["test_tasks"], result["test_protocol"]
     )
+    print(f"test accuracy: {accuracy}; results in {args.out}")
+
+
+def _accuracy_text(mean: float, ci95: float, tasks: int, protocol: str) -> str:
+    """``"93.10% ± 0.52% (95% CI, 600 tasks, native)"``; one task has no interval to show."""
+    if tasks < 2:
+        return f"{100 * mean:.2f}% (1 task: no confidence interval, {protocol})"
+    return f"{100 * mean:.2f}% ± {100 * ci95:.2f}% (95% CI, {tasks} tasks, {protocol})"
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -222,7 +271,14 @@ def _run_eval(args: argparse.Namespace) -> None:
         data_root=args.data_root,
         progress=not args.quiet,
     )
-    print(f"test accuracy: {result}")
+    accuracy = _accuracy_text(result.mean, result.ci95, result.tasks, result.protocol)
+    print(f"test accuracy: {accuracy}")
+
+
+def _print_error(err: Exception) -> None:
+    """One ``mrmeta: error:`` line per problem the error lists."""
+    for line in str(err).splitlines() or [""]:
+        print(f"mrmeta: error: {line}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mrmeta: {err}", file=sys.stderr)
         return 128 + err.signal_number
     except (TrainingDiverged, DistributedError, RunWriteError, OutOfMemory) as err:
-        print(f"mrmeta: error: {err}", file=sys.stderr)
+        _print_error(err)
         return 1
     except (MrmetaError, DataError, FileNotFoundError) as err:
-        print(f"mrmeta: error: {err}", file=sys.stderr)
+        _print_error(err)
         return 2
     except KeyboardInterrupt:
         print("mrmeta: interrupted", file=sys.stderr)

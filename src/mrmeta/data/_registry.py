@@ -52,6 +52,16 @@ def canonical_dataset_name(name: str) -> str:
     return _ALIASES.get(key.replace("-", ""), key)
 
 
+def image_datasets() -> tuple[str, ...]:
+    """The classification benchmarks (``mrmeta train`` trains on these; not ``sinusoid``)."""
+    return available_datasets(images_only=True)
+
+
+def is_image_dataset(name: str) -> bool:
+    """Whether ``name`` (spelled as :func:`load_dataset` forgives) is in :func:`image_datasets`."""
+    return canonical_dataset_name(name) in image_datasets()
+
+
 def load_dataset(
     name: str, split: str = "train", root: str | Path | None = None, **options: Any
 ) -> FewShotDataset | SinusoidTasks:
