@@ -485,3 +485,24 @@ def test_nonfinite_tensors_names_each_bad_tensor() -> None:
         "e": [torch.zeros(2), "text"],
     }
     assert nonfinite_tensors(tree) == ["a", "b.c"]
+
+
+def test_a_checkpoint_holding_objects_is_refused_without_unsafe_advice(tmp_path: Path) -> None:
+    import pathlib
+
+    from mrmeta._checkpoint import load_checkpoint
+    from mrmeta.errors import CheckpointError
+
+    path = tmp_path / "last.pt"
+    torch.save({"x": pathlib.PurePosixPath("a")}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "refused without running" in str(err.value)
+
+
+def test_one_task_evaluation_shows_no_interval() -> None:
+    from mrmeta.evaluate import EvalResult
+
+    one = EvalResult.from_accuracies(torch.tensor([0.5]), "native")
+    assert "±" not in str(one) and "1 task: no confidence interval" in str(one)
+    assert "± " in str(EvalResult.from_accuracies(torch.tensor([0.5, 0.7]), "native"))

@@ -33,10 +33,13 @@ class EvalResult:
     checkpoint: str | None = None
 
     def __str__(self) -> str:
-        text = (
-            f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}% "
-            f"(95% CI, {self.tasks} tasks, {self.protocol})"
-        )
+        if self.tasks < 2:  # one task: the interval is undefined, not ± 0
+            text = f"{100 * self.mean:.2f}% (1 task: no confidence interval, {self.protocol})"
+        else:
+            text = (
+                f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}% "
+                f"(95% CI, {self.tasks} tasks, {self.protocol})"
+            )
         return text if self.checkpoint is None else f"{text}; tested {self.checkpoint}"
 
     @classmethod
