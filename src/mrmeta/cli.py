@@ -237,7 +237,12 @@ def _run_train(args: argparse.Namespace) -> None:
 
     if args.resume:  # what is given again must match the run (see mrmeta.train.resumed_config)
         settings = given_settings(args)
-        result = train(None, args.out, resume=True, overrides=settings, progress=not args.quiet)
+        try:
+            result = train(
+                None, args.out, resume=True, overrides=settings, progress=not args.quiet
+            )
+        except ConfigError as err:  # name the settings as the flags the user typed
+            raise err.renamed(lambda key: _flag(key) if key in settings else key) from None
     else:
         result = train(config_from_args(args), args.out, progress=not args.quiet)
     if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
