@@ -498,6 +498,7 @@ def test_a_checkpoint_holding_objects_is_refused_without_unsafe_advice(tmp_path:
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert "weights_only" not in str(err.value) and "refused without running" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_one_task_evaluation_shows_no_interval() -> None:

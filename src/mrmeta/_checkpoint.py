@@ -48,8 +48,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume") from err
     except pickle.UnpicklingError as err:  # torch's text advises weights_only=False: unsafe
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain containers (refused "
-            "without running them); it is not an mrmeta checkpoint, or was tampered with"
+            f"checkpoint {path} cannot be read: it is not a file of tensors and plain "
+            "containers (refused without running anything in it); it is damaged, not an mrmeta "
+            "checkpoint, or was tampered with"
         ) from err
     except Exception as err:  # a corrupt or foreign file: say so in one line
         raise CheckpointError(
