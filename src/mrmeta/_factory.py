@@ -14,7 +14,7 @@ from mrmeta.config import ConfigError, TrainConfig
 from mrmeta.models import Conv4, ResNet12, resnet12_widths
 
 # The TrainConfig fields that are constructor options of (some) algorithms. A field left at None
-# takes the algorithm's own default: its constructor's (mrmeta.algorithms.algorithm_defaults),
+# takes the algorithm's own default: its options dataclass's (mrmeta.algorithms.algorithm_defaults),
 # the one home of every default.
 LEARNER_OPTIONS = (
     "inner_solver",

@@ -56,7 +56,7 @@ class TrainConfig:
     Defaults are the quick start: Omniglot 5-way 1-shot with ``mrml`` in about ten minutes on
     two CPU cores. The algorithm's options left at ``None`` (``inner_solver``, ``inner_steps``,
     ``inner_tol``, ``inner_lr``, ``cg_iters``, ``l2``, ``reg``) take its own defaults, which live
-    in its constructor (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
+    in its options dataclass (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
     (Omniglot only; ignored for the bring-your-own datasets) fetches the official archives
