@@ -10,24 +10,8 @@ from torch import nn
 
 from mrmeta.algorithms import algorithm_class, algorithm_defaults, splits_head
 from mrmeta.algorithms.base import MetaLearner
-from mrmeta.config import ConfigError, TrainConfig
+from mrmeta.config import ALGORITHM_OPTIONS, ConfigError, TrainConfig
 from mrmeta.models import Conv4, ResNet12, resnet12_widths
-
-# The TrainConfig fields that are constructor options of (some) algorithms. A field left at None
-# takes the algorithm's own default: its options dataclass's (mrmeta.algorithms.algorithm_defaults),
-# the one home of every default.
-LEARNER_OPTIONS = (
-    "inner_solver",
-    "inner_steps",
-    "inner_tol",
-    "inner_lr",
-    "cg_iters",
-    "l2",
-    "reg",
-    "warm_start_head",
-    "warm_start_cg",
-    "learn_head_init",
-)
 
 
 def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4 | ResNet12:
@@ -52,7 +36,7 @@ def learner_options(config: TrainConfig) -> dict[str, Any]:
     """The constructor options ``config`` sets for its algorithm (unset ones are left out)."""
     accepted = algorithm_defaults(config.algo)
     options = {"chunk_size": config.chunk_size}
-    for name in LEARNER_OPTIONS:
+    for name in ALGORITHM_OPTIONS:
         value = getattr(config, name)
         if name in accepted and value is not None:
             options[name] = value

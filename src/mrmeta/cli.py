@@ -118,11 +118,11 @@ SPECIAL_TYPES = {
 
 def _default_text(name: str, default: object) -> str:
     """The default shown in ``--help``: per algorithm for the options the algorithm sets."""
-    from mrmeta._factory import LEARNER_OPTIONS
     from mrmeta.algorithms import ALGORITHMS as CLASSES
     from mrmeta.algorithms import algorithm_defaults
+    from mrmeta.config import ALGORITHM_OPTIONS
 
-    if name not in LEARNER_OPTIONS or default is not None:
+    if name not in ALGORITHM_OPTIONS or default is not None:
         return str(default)
     per_algo = [
         f"{algo} {algorithm_defaults(algo)[name]}"

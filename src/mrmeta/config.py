@@ -24,14 +24,16 @@ from mrmeta.errors import ConfigError  # re-exported: ``mrmeta.config.ConfigErro
 from mrmeta.evaluate import PROTOCOLS  # the evaluation layer owns its protocol names
 
 ALGORITHMS = tuple(ALGORITHM_CLASSES)  # the registry's names
-# The options only some algorithms have, and those algorithms: setting one (a flag or a TOML
-# key) for another algorithm is refused (:func:`options_not_applying`). Unlisted options apply
-# to every algorithm.
-# The options some algorithms take and others do not, and which take each: read from the
-# algorithms' constructors (mrmeta.algorithms.algorithm_defaults), the one home of the options.
-_ALGORITHM_OPTIONS = (
+# The TrainConfig fields that are options of (some) algorithms' constructors. Left at None, a
+# field takes the algorithm's own default (mrmeta.algorithms.algorithm_defaults, read from its
+# options dataclass: the one home of every default). APPLIES_TO: the options only some
+# algorithms have, and those algorithms; setting one (a flag or a TOML key) for another
+# algorithm is refused (options_not_applying).
+ALGORITHM_OPTIONS = (
     "inner_solver",
+    "inner_steps",
     "inner_tol",
+    "inner_lr",
     "cg_iters",
     "l2",
     "reg",
@@ -40,7 +42,9 @@ _ALGORITHM_OPTIONS = (
     "learn_head_init",
 )
 APPLIES_TO: dict[str, tuple[str, ...]] = {
-    key: tuple(a for a in ALGORITHMS if key in algorithm_defaults(a)) for key in _ALGORITHM_OPTIONS
+    key: algos
+    for key in ALGORITHM_OPTIONS
+    if (algos := tuple(a for a in ALGORITHMS if key in algorithm_defaults(a))) != ALGORITHMS
 }
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
