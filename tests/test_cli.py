@@ -15,8 +15,9 @@ import torch
 
 from mrmeta import __version__
 from mrmeta._factory import build_learner, build_model
-from mrmeta.cli import _accuracy_text, build_parser, config_from_args, main
+from mrmeta.cli import build_parser, config_from_args, main
 from mrmeta.config import APPLIES_TO, ConfigError, TrainConfig
+from mrmeta.evaluate import format_accuracy as _accuracy_text
 
 DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(

@@ -77,8 +77,17 @@ def _train_iterations(folder: Path) -> list[int]:
     return [r["iteration"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
+def _for_algo(args: list[str], extra: tuple[str, ...]) -> list[str]:
+    """``args`` without ``--cg-iters N`` when ``extra`` picks an algorithm without CG."""
+    if "--algo" not in extra or extra[extra.index("--algo") + 1] in ("mrml", "imaml"):
+        return args
+    i = args.index("--cg-iters")
+    return args[:i] + args[i + 2 :]
+
+
 def _new_run(folder: Path, capsys, *extra: str) -> None:
-    code, _, err = _run(["train", *SMALL, *DATA, *extra, "--out", folder, "--quiet"], capsys)
+    argv = ["train", *_for_algo(SMALL, extra), *DATA, *extra, "--out", folder, "--quiet"]
+    code, _, err = _run(argv, capsys)
     assert code == 0, err
 
 

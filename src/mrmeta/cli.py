@@ -28,6 +28,7 @@ from mrmeta.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
+from mrmeta.evaluate import format_accuracy
 
 HELP = {
     "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
@@ -251,17 +252,10 @@ def _run_train(args: argparse.Namespace) -> None:
         print(f"no test (--test-tasks 0); best validation accuracy "
               f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")
         return
-    accuracy = _accuracy_text(
+    accuracy = format_accuracy(
         result["test_accuracy"], result["test_ci95"], result["test_tasks"], result["test_protocol"]
     )
     print(f"test accuracy: {accuracy}; results in {args.out}")
-
-
-def _accuracy_text(mean: float, ci95: float, tasks: int, protocol: str) -> str:
-    """``"93.10% ± 0.52% (95% CI, 600 tasks, native)"``; one task has no interval to show."""
-    if tasks < 2:
-        return f"{100 * mean:.2f}% (1 task: no confidence interval, {protocol})"
-    return f"{100 * mean:.2f}% ± {100 * ci95:.2f}% (95% CI, {tasks} tasks, {protocol})"
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -276,8 +270,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         data_root=args.data_root,
         progress=not args.quiet,
     )
-    accuracy = _accuracy_text(result.mean, result.ci95, result.tasks, result.protocol)
-    print(f"test accuracy: {accuracy}")
+    print(f"test accuracy: {result}")  # says which checkpoint was tested
 
 
 def _print_error(err: Exception) -> None:
