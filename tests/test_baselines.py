@@ -561,7 +561,7 @@ _EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
     "fomaml": {"inner_steps": 1, "inner_lr": 0.4},
     "imaml": {"inner_steps": 10, "inner_lr": 0.1, "reg": 2.0, "cg_iters": 5, "cg_tol": 0.0},
 }
-_COMMON_DEFAULTS = {"loss": "cross_entropy", "chunk_size": 1}
+_COMMON_DEFAULTS = {"loss": "cross_entropy", "chunk_size": 1, "meta_lr": 1e-3}
 
 
 @pytest.mark.parametrize("name", sorted(_EXPECTED_DEFAULTS))

@@ -75,7 +75,7 @@ def test_recipe_parses_with_the_paper_settings(path: Path):
     text = path.read_text()
     if path.parent.name != "paper":
         # The defaults for now, with the algorithm's defaults written out.
-        names = ("inner_solver", "inner_steps", "inner_tol", "inner_lr", "cg_iters", "l2")
+        names = ("inner_solver", "inner_steps", "inner_tol", "inner_lr", "cg_iters", "l2", "lr")
         unset = dict.fromkeys(names)
         assert config.replace(**unset) == TrainConfig()
         assert all(resolved(config, n) == resolved(TrainConfig(), n) for n in unset)

@@ -45,6 +45,8 @@ def learner_options(config: TrainConfig) -> dict[str, Any]:
 
 def resolved(config: TrainConfig, name: str) -> Any:
     """``config.<name>``, or the algorithm's default when the config leaves it unset."""
+    if name == "lr":
+        return meta_lr(config)
     value = getattr(config, name)
     return algorithm_defaults(config.algo).get(name) if value is None else value
 
@@ -69,8 +71,14 @@ def _as_flags(message: str) -> str:
 
 
 def build_optimizer(config: TrainConfig, learner: MetaLearner | nn.Module) -> torch.optim.Optimizer:
-    """Adam or SGD over the learner's meta-parameters at ``config.lr``."""
+    """Adam or SGD over the learner's meta-parameters at ``config.lr`` (unset: the algorithm's
+    ``meta_lr``)."""
     params = list(learner.meta_parameters())
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr)
+        return torch.optim.Adam(params, lr=meta_lr(config))
+    return torch.optim.SGD(params, lr=meta_lr(config))
+
+
+def meta_lr(config: TrainConfig) -> float:
+    """``config.lr``, or the algorithm's ``meta_lr`` when the config leaves it unset."""
+    return algorithm_defaults(config.algo)["meta_lr"] if config.lr is None else config.lr

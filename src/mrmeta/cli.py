@@ -57,7 +57,7 @@ HELP = {
     "warm_start_cg": "warm-start CG per task slot across iterations (mrml)",
     "learn_head_init": "meta-learn the head's starting point too (mrml)",
     "optimizer": f"outer optimizer: {', '.join(OPTIMIZERS)}",
-    "lr": "outer learning rate",
+    "lr": "outer learning rate (meta_lr)",
     "chunk_size": "tasks processed together: a number, or 'all'",
     "backbone": "feature extractor: conv4 or resnet12 (4 residual blocks, per-task BatchNorm)",
     "hidden": "Conv4 filters per layer; ResNet-12: first block's width h (blocks h-2.5h-5h-10h)",
@@ -112,6 +112,7 @@ SPECIAL_TYPES = {
     "cg_iters": int,
     "time_budget": float,
     "val_every_seconds": float,
+    "lr": float,
     "data_root": str,
     "threads": int,
 }
@@ -123,12 +124,13 @@ def _default_text(name: str, default: object) -> str:
     from mrmeta.algorithms import algorithm_defaults
     from mrmeta.config import ALGORITHM_OPTIONS
 
-    if name not in ALGORITHM_OPTIONS or default is not None:
+    option = "meta_lr" if name == "lr" else name  # the outer lr lives with the algorithm's
+    if (option not in ALGORITHM_OPTIONS and option != "meta_lr") or default is not None:
         return str(default)
     per_algo = [
-        f"{algo} {algorithm_defaults(algo)[name]}"
+        f"{algo} {algorithm_defaults(algo)[option]}"
         for algo in CLASSES
-        if name in algorithm_defaults(algo)
+        if option in algorithm_defaults(algo)
     ]
     return ", ".join(per_algo)
 

@@ -90,7 +90,7 @@ class TrainConfig:
     warm_start_cg: bool = False
     learn_head_init: bool = False
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float | None = None
     chunk_size: int | None = 1
     backbone: str = "conv4"
     hidden: int = 64

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrmeta._checkpoint import MetricsLog, read_metrics
-from mrmeta._factory import build_learner, build_model, build_optimizer
+from mrmeta._factory import build_learner, build_model, build_optimizer, meta_lr
 from mrmeta._run_eval import (
     VAL_SEED_OFFSET,
     absolute_data_root,
@@ -217,7 +217,7 @@ class TrainingRun:
         torch.set_rng_state(state["torch_rng"])
         self.progress = Progress(**state["progress"])
         for group in self.optimizer.param_groups:  # --lr may be changed on --resume
-            group["lr"] = self.config.lr
+            group["lr"] = meta_lr(self.config)
         if self.dist.enabled:
             self._load_rank_state(state)
 

@@ -22,7 +22,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, TypeVar
 
 from mrmeta._per_task import check_loss_name
-from mrmeta._validation import check_positive_int
+from mrmeta._validation import check_finite_number, check_positive_int
 
 OptionsT = TypeVar("OptionsT", bound="LearnerOptions")
 
@@ -35,14 +35,18 @@ class LearnerOptions:
         inner_steps: ``K ≥ 0``, the lower level's number of steps (or Newton's cap).
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression).
         chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
+        meta_lr: the outer optimizer's learning rate that goes with these defaults (the learner
+            does not read it; ``mrmeta train`` uses it when ``--lr`` is not given).
     """
 
     inner_steps: int
     loss: str = "cross_entropy"
     chunk_size: int | None = 1
+    meta_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         self._store("inner_steps", check_positive_int("inner_steps", self.inner_steps, minimum=0))
+        self._store("meta_lr", check_finite_number("meta_lr", self.meta_lr, positive=True))
         self._store("loss", check_loss_name(self.loss))
         if self.chunk_size is not None:
             self._store("chunk_size", check_positive_int("chunk_size", self.chunk_size))
