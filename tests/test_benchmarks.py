@@ -134,7 +134,7 @@ def test_fair_report_targets_and_margins() -> None:
     assert summary["mrml"]["time_to_threshold"] == [20, 25]
     assert summary["anil"]["time_to_threshold"] == [40, 22]
     assert summary["mrml"]["frozen"][0] == pytest.approx(0.93)
-    cost = {"ratio_median": 1.05, "ratio_quartiles": [1.0, 1.1]}
+    cost = {"ratio_median": 1.05, "ratio_quartiles": [1.0, 1.1], "rounds": 7}
     lines = fair_report.targets(summary, cost)
     # mean 0.94 vs 0.91: +3 points > max std (1.41): holds; time 22.5 vs 31: holds
     assert "+3.00 points" in lines[0] and lines[0].endswith("holds")
