@@ -10,7 +10,7 @@ from torch import nn
 from mrmeta.algorithms import algorithm_class, algorithm_defaults, splits_head
 from mrmeta.algorithms.base import MetaLearner
 from mrmeta.config import ConfigError, TrainConfig
-from mrmeta.models import Conv4, ResNet12, resnet12_widths
+from mrmeta.models import Conv4, ResNet12, resnet12_widths, split_model
 
 # The TrainConfig fields that are constructor options of (some) algorithms. A field left at None
 # takes the algorithm's own default: its constructor's (mrmeta.algorithms.algorithm_defaults),
@@ -27,6 +27,12 @@ LEARNER_OPTIONS = (
     "warm_start_cg",
     "learn_head_init",
 )
+
+
+LAST_BLOCK_DEFAULTS = {"inner_solver": "gd", "inner_lr": 0.1}
+"""The lower level of ``adapt = "last-block"`` where the config leaves it unset: gradient steps
+of a fixed size. ``"auto"`` needs a linear head's curvature bound, which a conv block does not
+have, and Newton-CG does not converge on its non-convex lower level (benchmarks/README.md)."""
 
 
 def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4 | ResNet12:
@@ -55,6 +61,10 @@ def learner_options(config: TrainConfig) -> dict[str, Any]:
         value = getattr(config, name)
         if name in accepted and value is not None:
             options[name] = value
+    if config.adapt == "last-block":
+        for name, value in LAST_BLOCK_DEFAULTS.items():
+            if name in accepted:
+                options.setdefault(name, value)
     return options
 
 
@@ -69,7 +79,8 @@ def build_learner(config: TrainConfig, model: Conv4) -> MetaLearner:
     try:
         cls = algorithm_class(config.algo)
         if splits_head(config.algo):
-            return cls(model.backbone, model.head, **learner_options(config))
+            backbone, head = split_model(model, config.adapt)
+            return cls(backbone, head, **learner_options(config))
         return cls(model, **learner_options(config))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--algo {config.algo}: {err}") from err

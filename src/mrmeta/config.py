@@ -17,6 +17,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from mrmeta.errors import ConfigError  # re-exported: ``mrmeta.config.ConfigError`` stays
 from mrmeta.evaluate import PROTOCOLS  # the evaluation layer owns its protocol names
+from mrmeta.models import ADAPTS
 
 ALGORITHMS = ("mrml", "maml", "fomaml", "anil", "itd-bio", "imaml")
 OPTIMIZERS = ("adam", "sgd")
@@ -24,6 +25,7 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 INNER_SOLVERS = ("newton", "gd")
 BACKBONES = ("conv4", "resnet12")
+LAST_BLOCK_ALGORITHMS = ("mrml", "anil", "itd-bio")  # the head-only methods
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class TrainConfig:
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
     (Omniglot only; ignored for the bring-your-own datasets) fetches the official archives
-    into the data root when no copy is found; ``download = false`` forbids it.
+    into the data root when no copy is found; ``download = false`` forbids it. ``adapt``
+    (mrml, anil, itd-bio) is what their lower level adapts per task: the linear head, or the
+    backbone's last block and the head (:func:`mrmeta.models.split_model`).
     """
 
     algo: str = "mrml"
@@ -66,6 +70,7 @@ class TrainConfig:
     lr: float = 1e-3
     chunk_size: int | None = 1
     backbone: str = "conv4"
+    adapt: str = "head"
     hidden: int = 64
     seed: int = 0
     device: str = "cpu"
@@ -90,6 +95,7 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("budget_clock", self.budget_clock, ("wall", "cpu"))
         _check_choice("backbone", self.backbone, BACKBONES)
+        _check_adapt(self)
         for name in (
             "ways",
             "shots",
@@ -173,6 +179,35 @@ def _check_learner_options(config: TrainConfig) -> None:
         _check_number("reg", config.reg, positive=True)
     if config.inner_solver is not None:
         _check_choice("inner_solver", config.inner_solver, INNER_SOLVERS)
+
+
+def _check_adapt(config: TrainConfig) -> None:
+    """``adapt`` is a choice; the last block is adapted by the head-only methods only, with a
+    fixed inner step (no curvature bound), gradient steps and the native test protocol."""
+    _check_choice("adapt", config.adapt, ADAPTS)
+    if config.adapt == "head":
+        return
+    if config.algo not in LAST_BLOCK_ALGORITHMS:
+        raise ConfigError(
+            f"adapt last-block applies to {', '.join(LAST_BLOCK_ALGORITHMS)} only; "
+            f"--algo {config.algo} adapts the whole network: drop --adapt or pick one of them"
+        )
+    if config.inner_lr == "auto":
+        raise ConfigError(
+            "inner_lr 'auto' needs the linear head's curvature bound (--adapt head); with "
+            "--adapt last-block pass a number, or leave it unset for the last-block default"
+        )
+    if config.inner_solver == "newton":
+        raise ConfigError(
+            "inner_solver newton needs a convex lower level; the last block's is not (50 "
+            "Newton-CG iterations left |grad| near 10 on Omniglot): with --adapt last-block "
+            "use --inner-solver gd (its default)"
+        )
+    if config.eval_protocol == "frozen-backbone":
+        raise ConfigError(
+            "eval_protocol frozen-backbone fits a linear head on the backbone's features and "
+            "needs --adapt head; with --adapt last-block use --eval-protocol native"
+        )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
