@@ -46,9 +46,7 @@ def linear_fit(points: list[tuple[int, int]]) -> tuple[float, float]:
         return float(points[0][1]), 0.0
     ks, ys = zip(*points, strict=True)
     k_mean, y_mean = statistics.fmean(ks), statistics.fmean(ys)
-    slope = sum((k - k_mean) * (y - y_mean) for k, y in points) / sum(
-        (k - k_mean) ** 2 for k in ks
-    )
+    slope = sum((k - k_mean) * (y - y_mean) for k, y in points) / sum((k - k_mean) ** 2 for k in ks)
     return y_mean - slope * k_mean, slope
 
 
@@ -123,7 +121,9 @@ def summary(rows: list[dict], limit_gb: float) -> list[dict]:
     plain = next(r["peak_bytes"] for r in rows if r["method"] == "plain")
     out = []
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "plain"):
-        points = [(r["k"], r["peak_bytes"]) for r in rows if r["method"] == method and "peak_bytes" in r]
+        points = [
+            (r["k"], r["peak_bytes"]) for r in rows if r["method"] == method and "peak_bytes" in r
+        ]
         a, b = linear_fit(points)
         over = [k for k, p in points if p > limit_gb * 1e9]
         cut = min(over) if over else k_exceeding(points, limit_gb * 1e9)
@@ -133,7 +133,9 @@ def summary(rows: list[dict], limit_gb: float) -> list[dict]:
                 "intercept_bytes": a,
                 "bytes_per_step": b,
                 "k_exceeding": cut,
-                "k_exceeding_is": "measured" if over else ("never (flat)" if cut is None else "predicted"),
+                "k_exceeding_is": "measured"
+                if over
+                else ("never (flat)" if cut is None else "predicted"),
                 "max_vs_plain": max(p for _, p in points) / plain,
             }
         )
@@ -227,8 +229,17 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     setting = ms.Setting(
-        args.shape, 5, 5, 5, args.tasks, 1, args.adapt, args.cg_iters, torch.device("cpu"),
-        args.backbone, args.imaml_cg_iters,
+        args.shape,
+        5,
+        5,
+        5,
+        args.tasks,
+        1,
+        args.adapt,
+        args.cg_iters,
+        torch.device("cpu"),
+        args.backbone,
+        args.imaml_cg_iters,
     )
     rows = memory_rows(args, setting)
     results = {
@@ -239,7 +250,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "setting": (
             f"{args.backbone}, {args.shape}, 5-way 5-shot 5-query, {args.tasks} task(s), "
-            f"adapt {args.adapt}, N={args.cg_iters} (iMAML N={args.imaml_cg_iters or args.cg_iters})"
+            f"adapt {args.adapt}, N={args.cg_iters} "
+            f"(iMAML N={args.imaml_cg_iters or args.cg_iters})"
         ),
         "limit_gb": args.limit_gb,
         "rows": rows,

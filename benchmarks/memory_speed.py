@@ -372,7 +372,15 @@ def plot(results: dict, path: Path) -> None:
 
 def run_shape(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
     setting = Setting(
-        shape, 5, 5, 5, args.tasks, args.chunk_size, args.adapt, args.cg_iters, device,
+        shape,
+        5,
+        5,
+        5,
+        args.tasks,
+        args.chunk_size,
+        args.adapt,
+        args.cg_iters,
+        device,
         args.backbone,
     )
     rows = []

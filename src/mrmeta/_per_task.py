@@ -56,8 +56,6 @@ def task_accuracies(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.argmax(-1) == target).to(pred.dtype).mean(1)
 
 
-
-
 def task_features(backbone: nn.Module, x: Tensor) -> Tensor:
     """Backbone features of a task batch: ``(T, n, *input)`` → ``(T, n, d)``.
 
