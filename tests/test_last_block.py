@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -135,15 +136,19 @@ def _reference_meta_gradient(
             grads = torch.autograd.grad(g(leaves, zs.detach(), ys), leaves)
             phi = [p - lr * d for p, d in zip(leaves, grads, strict=True)]
         phi = [p.detach().requires_grad_(True) for p in phi]
-        sizes = [p.numel() for p in phi]
 
-        def g_flat(vec: Tensor, zs: Tensor = zs, ys: Tensor = ys) -> Tensor:
-            parts = [c.view_as(p) for c, p in zip(vec.split(sizes), phi, strict=True)]
+        def g_flat(vec: Tensor, zs: Tensor, ys: Tensor, like: list[Tensor]) -> Tensor:
+            parts = [
+                c.view_as(p)
+                for c, p in zip(vec.split([p.numel() for p in like]), like, strict=True)
+            ]
             return g(parts, zs.detach(), ys)
 
         flat = torch.cat([p.reshape(-1) for p in phi]).detach()
-        hessian = torch.autograd.functional.hessian(g_flat, flat)
-        query = F.cross_entropy(functional_call(head, dict(zip(names, phi, strict=True)), (zq,)), yq)
+        hessian = torch.autograd.functional.hessian(partial(g_flat, zs=zs, ys=ys, like=phi), flat)
+        query = F.cross_entropy(
+            functional_call(head, dict(zip(names, phi, strict=True)), (zq,)), yq
+        )
         grad_f_phi = torch.autograd.grad(query, phi, retain_graph=True)
         v = torch.linalg.solve(hessian, torch.cat([d.reshape(-1) for d in grad_f_phi]))
         grad_g = torch.autograd.grad(g(phi, zs, ys), phi, create_graph=True)
@@ -177,11 +182,15 @@ def test_mrml_meta_gradient_with_the_last_block_matches_the_reference(recompute:
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
 
 
-def test_recomputing_the_features_is_the_default_for_a_block_head_only() -> None:
-    model, backbone, head = _tiny_split()
-    assert MemoryReduced(backbone, head, inner_solver="gd", inner_lr=0.1).recomputes_features()
-    linear = MemoryReduced(model.backbone, model.head)
-    assert not linear.recomputes_features()
+def test_features_are_recomputed_by_default_for_a_head_larger_than_the_backbone() -> None:
+    model, backbone, head = _tiny_split()  # Conv4: last block + head 171 < backbone 360
+    assert not MemoryReduced(backbone, head, inner_solver="gd", inner_lr=0.1).recomputes_features()
+    assert not MemoryReduced(model.backbone, model.head).recomputes_features()
+    resnet = ResNet12(ways=5, in_channels=1, widths=(4, 8, 16, 32), image_size=28)
+    big_head = MemoryReduced(*split_model(resnet, "last-block"), inner_solver="gd", inner_lr=0.1)
+    assert big_head.recomputes_features()  # the last block holds most of ResNet-12's weights
+    big_head.recompute_features = False
+    assert not big_head.recomputes_features()
 
 
 def _memory_setup(steps: int, recompute: bool | None = None) -> tuple[MemoryReduced, TaskBatch]:

@@ -128,7 +128,7 @@ class MemoryReduced(HeadLearner):
 
     recompute_features: bool | None = None
     """Compute the features twice to keep the lower level's memory apart from the backbone's
-    (see :meth:`recomputes_features`); ``None``: for heads other than ``nn.Linear``."""
+    (see :meth:`recomputes_features`); ``None``: for large heads other than ``nn.Linear``."""
 
     def reset_state(self) -> None:
         """Drop the warm starts (e.g. after a non-finite step)."""
@@ -166,15 +166,20 @@ class MemoryReduced(HeadLearner):
         """Whether a chunk's features are computed twice: first without a graph for the solve
         and the hypergradient, then in the backbone's graph for its backward pass.
 
-        ``recompute_features`` (``None``: for any head but ``nn.Linear``). A head without closed
-        forms (e.g. the last block, :func:`mrmeta.models.split_model`) makes the solve and CG
-        hold its double-backward graph and several copies of ``φ``; computed twice, they never
-        coexist with the backbone's graph, so the peak is the larger of the two instead of their
-        sum (ResNet-12 with its last block adapted: benchmarks/results/memory_scale_*.md), for
-        one more forward pass of the backbone without a graph.
+        ``recompute_features``, or when it is ``None``: for a head that is not ``nn.Linear``
+        and has more parameters than the backbone. Such a head (ResNet-12's last block,
+        :func:`mrmeta.models.split_model`) makes the solve and CG hold its double-backward
+        graph and several copies of ``φ``; computed twice, they never coexist with the
+        backbone's graph, so the peak is the larger of the two instead of their sum, for one
+        more forward pass of the backbone without a graph. Measured (benchmarks/results/
+        memory_scale_*.md): ResNet-12 at 84×84, 1.27× → 1.01× the plain step's memory; Conv4's
+        last block (a third of its parameters) stays at 1.03× in one pass, where the extra
+        forward would cost 0.5× a plain step of time.
         """
         if self.recompute_features is None:
-            return not isinstance(self.head, nn.Linear)
+            head_size = sum(p.numel() for p in self.head.parameters())
+            backbone_size = sum(p.numel() for p in self.backbone.parameters())
+            return not isinstance(self.head, nn.Linear) and head_size > backbone_size
         return bool(self.recompute_features)
 
     def _features(self, chunk: TaskBatch, *, graph: bool) -> tuple[Tensor, Tensor]:
