@@ -20,6 +20,9 @@ solve to ``atol = 1e-9``.
 
 from __future__ import annotations
 
+import dataclasses
+import doctest
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -29,11 +32,22 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mrmeta import Conv4, TaskBatch
+from mrmeta.algorithms import (
+    algorithm_class,
+    algorithm_defaults,
+    anil,
+    base,
+    imaml,
+    itd_bio,
+    maml,
+    memory_reduced,
+)
 from mrmeta.algorithms.anil import ANIL
 from mrmeta.algorithms.base import ChunkedLearner
 from mrmeta.algorithms.imaml import IMAML
 from mrmeta.algorithms.itd_bio import ITDBiO
 from mrmeta.algorithms.maml import FOMAML, MAML
+from mrmeta.algorithms.memory_reduced import MemoryReduced
 
 TASKS, WAYS, SHOTS, QUERIES, DIM = 3, 3, 2, 2, 4
 RTOL, ATOL = 1e-8, 1e-10
@@ -197,7 +211,7 @@ def test_first_order_maml_matches_reference(
 ) -> None:
     model, batch = make_model(), _batch(shape)
     learner = FOMAML(model, inner_steps=3, inner_lr=0.2, chunk_size=chunk_size)
-    assert learner.first_order
+    assert learner.options.first_order
     expected = _prefix("model.", _fomaml_reference(model, batch, steps=3, lr=0.2))
     _assert_close(_learner_grads(learner, batch), expected)
     same = MAML(model, inner_steps=3, inner_lr=0.2, chunk_size=chunk_size, first_order=True)
@@ -521,3 +535,77 @@ def test_inner_lr_auto_needs_linear_head_and_is_not_for_maml() -> None:
         ITDBiO(_mlp()[:1], nn.Sequential(nn.Linear(5, 3)), inner_lr="auto")
     with pytest.raises(ValueError, match="l2"):
         ITDBiO(_mlp()[:2], _mlp()[2], l2=-1.0)
+
+
+# --------------------------------------------------------------------------- keyword options
+# Each algorithm's keyword options and defaults, as the README's table and the CLI's help state
+# them; they live once, in the algorithm's options dataclass.
+_EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
+    "mrml": {
+        "inner_solver": "newton",
+        "inner_steps": 50,
+        "inner_tol": 1e-6,
+        "inner_lr": "auto",
+        "cg_iters": 20,
+        "cg_tol": 0.0,
+        "l2": 0.01,
+        "loss": "cross_entropy",
+        "warm_start_head": False,
+        "warm_start_cg": False,
+        "learn_head_init": False,
+        "chunk_size": 1,
+    },
+    "itd-bio": {"inner_steps": 20, "inner_lr": "auto", "l2": 0.01, "first_order": False},
+    "anil": {"inner_steps": 10, "inner_lr": 0.1, "first_order": False},
+    "maml": {"inner_steps": 1, "inner_lr": 0.4, "first_order": False},
+    "fomaml": {"inner_steps": 1, "inner_lr": 0.4},
+    "imaml": {"inner_steps": 10, "inner_lr": 0.1, "reg": 2.0, "cg_iters": 5, "cg_tol": 0.0},
+}
+_COMMON_DEFAULTS = {"loss": "cross_entropy", "chunk_size": 1}
+
+
+@pytest.mark.parametrize("name", sorted(_EXPECTED_DEFAULTS))
+def test_defaults_signature_and_options_agree(name: str) -> None:
+    """``algorithm_defaults``, the class's signature (``help``) and a default-built learner's
+    ``options`` all show the same options and defaults."""
+    expected = {**_COMMON_DEFAULTS, **_EXPECTED_DEFAULTS[name]}
+    assert algorithm_defaults(name) == expected
+    keywords = {
+        p.name: p.default
+        for p in inspect.signature(algorithm_class(name)).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    assert keywords == expected
+    learner = _BUILDERS[name.replace("-", "_")]() if name != "mrml" else _mrml()
+    assert {k: getattr(learner.options, k) for k in expected} == expected
+
+
+def _mrml() -> ChunkedLearner:
+    return MemoryReduced(_mlp()[:2], _mlp()[2])
+
+
+@pytest.mark.parametrize("name", sorted(_BUILDERS))
+def test_unknown_option_names_the_valid_ones(name: str) -> None:
+    with pytest.raises(TypeError, match=r"has no option inner_stpes; valid options: .*inner_steps"):
+        _BUILDERS[name](inner_stpes=3)
+
+
+def test_fixed_settings_are_not_options() -> None:
+    """ANIL always meta-learns its head's start, FOMAML is always first order: neither takes
+    the setting as an option, and the options of a built learner cannot be changed."""
+    with pytest.raises(TypeError, match="FOMAML has no option first_order"):
+        FOMAML(_mlp(), first_order=False)
+    with pytest.raises(TypeError, match="ANIL has no option learn_head_init"):
+        ANIL(_mlp()[:2], _mlp()[2], learn_head_init=False)
+    learner = ANIL(_mlp()[:2], _mlp()[2])
+    assert learner.options.learn_head_init and learner.options.l2 == 0.0
+    assert all(p.requires_grad for p in learner.head.parameters())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        learner.options.inner_steps = 3  # type: ignore[misc]
+
+
+def test_docstring_examples_run() -> None:
+    """The usage examples of the learners' docstrings run as written."""
+    for module in (base, anil, itd_bio, maml, imaml, memory_reduced):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -24,7 +24,9 @@ def load(name: str) -> ModuleType:
 
 
 memory_speed = load("memory_speed")
-wallclock = load("wallclock")
+fair = load("fair_comparison")
+sys.path.insert(0, str(BENCHMARKS))
+fair_report = load("fair_report")
 
 
 def test_interleaved_rounds_rotate_the_order_and_spare_slow_runs(
@@ -46,8 +48,18 @@ def test_interleaved_rounds_rotate_the_order_and_spare_slow_runs(
         runs, rounds=4, device=torch.device("cpu"), slow=5.0, slow_rounds=2
     )
     # round r starts at the r-th method; maml (9x plain) only in rounds 0 and 1
-    assert calls == ["plain", "mrml", "maml", "mrml", "maml", "plain", "plain", "mrml", "plain",
-                     "mrml"]  # fmt: skip
+    assert calls == [
+        "plain",
+        "mrml",
+        "maml",
+        "mrml",
+        "maml",
+        "plain",
+        "plain",
+        "mrml",
+        "plain",
+        "mrml",
+    ]
     assert times == {"plain": [1.0] * 4, "mrml": [1.25] * 4, "maml": [9.0] * 2}
 
 
@@ -61,8 +73,13 @@ def test_paired_ratio_uses_rounds_not_medians() -> None:
 
 def test_speed_target_holds_only_when_the_median_ratio_is_below_one() -> None:
     def row(method: str, k: int, seconds: list[float], peak: int = 100) -> dict:
-        return {"method": method, "k": k, "peak_bytes": peak, "seconds": sorted(seconds)[1],
-                "round_seconds": seconds}  # fmt: skip
+        return {
+            "method": method,
+            "k": k,
+            "peak_bytes": peak,
+            "seconds": sorted(seconds)[1],
+            "round_seconds": seconds,
+        }
 
     rows = [
         row("plain", 5, [1.0, 1.0, 1.0]),
@@ -85,16 +102,65 @@ def test_speed_target_holds_only_when_the_median_ratio_is_below_one() -> None:
     }
 
 
-def test_wallclock_threshold_is_nine_tenths_of_the_best_validation_accuracy() -> None:
-    runs = [
-        {"method": "mrml", "best_val_accuracy": 0.9, "curve": [(10, 0.5), (20, 0.82), (30, 0.9)],
-         "test_accuracy": 0.91, "test_ci95": 0.01},
-        {"method": "anil", "best_val_accuracy": 0.95, "curve": [(12, 0.6), (25, 0.86), (40, 0.95)],
-         "test_accuracy": 0.94, "test_ci95": 0.01},
-        {"method": "maml", "best_val_accuracy": 0.5, "curve": [(15, 0.5)],
-         "test_accuracy": 0.5, "test_ci95": 0.02},
-    ]  # fmt: skip
-    summary = wallclock.summarize(runs)
-    assert summary["threshold"] == pytest.approx(0.855)
-    assert [r["seconds_to_threshold"] for r in runs] == [30, 25, None]
-    assert [ok for _, ok, _ in summary["targets"]] == [False, False]  # later, and 0.91 < 0.93
+def _final_run(row: str, seed: int, test: float, curve: list, norm: float | None = 1e-7) -> dict:
+    return {
+        "row": row,
+        "seed": seed,
+        "result": {"test_accuracy": test, "test_ci95": 0.01},
+        "curve": curve,
+        "best_val": max(a for _, a in curve),
+        "iterations": 100,
+        "inner_grad_norm_max": norm,
+        "inner_iterations_mean": 6.0 if norm else None,
+        "config": {"lr": 0.001},
+        "frozen_backbone": {"stdout": f"test accuracy: {100 * test - 1:.2f}% ± 0.5% ..."},
+    }
+
+
+def test_fair_report_targets_and_margins() -> None:
+    final = {
+        "runs": [
+            _final_run("mrml", 0, 0.95, [(10, 0.5), (20, 0.86), (30, 0.9)]),
+            _final_run("mrml", 1, 0.93, [(10, 0.6), (25, 0.87), (30, 0.9)]),
+            _final_run("anil", 0, 0.90, [(12, 0.6), (40, 0.85)], None),
+            _final_run("anil", 1, 0.92, [(12, 0.6), (22, 0.82)], None),
+            {"row": "maml", "seed": 0, "failed": "boom"},
+        ]
+    }
+    rows = fair_report.rows_of(final)
+    assert list(rows) == ["mrml", "anil"]  # a failed run is left out
+    threshold = 0.9 * 0.9  # mrml's mean best validation
+    summary = {name: fair_report.summarise_row(runs, threshold) for name, runs in rows.items()}
+    assert summary["mrml"]["time_to_threshold"] == [20, 25]
+    assert summary["anil"]["time_to_threshold"] == [40, 22]
+    assert summary["mrml"]["frozen"][0] == pytest.approx(0.93)
+    cost = {"ratio_median": 1.05, "ratio_quartiles": [1.0, 1.1]}
+    lines = fair_report.targets(summary, cost)
+    # mean 0.94 vs 0.91: +3 points > max std (1.41): holds; time 22.5 vs 31: holds
+    assert "+3.00 points" in lines[0] and lines[0].endswith("holds")
+    assert lines[1].endswith("holds")
+    assert "1.00e-07" in lines[2] and lines[2].endswith("holds")
+    assert lines[3].endswith("missed by 5.0%")
+
+
+def test_fair_report_calls_a_tie_a_tie() -> None:
+    final = {
+        "runs": [
+            _final_run("mrml", 0, 0.93, [(10, 0.9)]),
+            _final_run("mrml", 1, 0.95, [(10, 0.9)]),
+            _final_run("itd-bio", 0, 0.935, [(5, 0.9)]),
+            _final_run("itd-bio", 1, 0.94, [(5, 0.9)]),
+        ]
+    }
+    summary = {n: fair_report.summarise_row(r, 0.81) for n, r in fair_report.rows_of(final).items()}
+    lines = fair_report.targets(summary, None)
+    assert lines[0].endswith("tie") and lines[1].endswith("missed")
+
+
+def test_fair_jobs_interleave_methods_and_the_log_resumes(tmp_path: Path) -> None:
+    groups = [[{"name": f"{m}{i}"} for i in range(2)] for m in "abc"]
+    order = [j["name"] for j in fair.interleave(groups)]
+    assert order == ["a0", "b0", "c0", "b1", "c1", "a1"]  # each round starts one method later
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"name": "a0", "result": {}}\n{"name": "b0", "res')  # torn last line
+    assert [r["name"] for r in fair.read_log(log)] == ["a0"]

@@ -228,3 +228,92 @@ def test_batched_breakdown_freezes_only_the_failing_system() -> None:
     assert torch.isfinite(out.solution["x"]).all()
     expected = torch.linalg.solve(spd, rhs[1])
     assert torch.allclose(out.solution["x"][1], expected, rtol=1e-10, atol=1e-10)
+
+
+def _diag_hvp(calls: list[dict[str, Tensor]]) -> object:
+    """``H = 2 I`` on the dict ``{"w": (2, 3), "b": (3,)}``, recording every argument."""
+
+    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        calls.append(v)
+        return {k: 2.0 * t for k, t in v.items()}
+
+    return hvp
+
+
+def _rhs(batch: tuple[int, ...] = ()) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(12)
+    return {
+        "w": torch.randn(*batch, 2, 3, generator=gen, dtype=F64),
+        "b": torch.randn(*batch, 3, generator=gen, dtype=F64),
+    }
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "inf")])
+@pytest.mark.parametrize("where", ["b", "x0"])
+def test_non_finite_b_or_x0_is_a_breakdown_naming_its_cause(
+    where: str, value: float, kind: str
+) -> None:
+    """A NaN/inf in ``b`` or ``x0`` stops the solve before any step, says which argument, which
+    key and which value, and never hands a NaN to ``hvp`` or back in the solution."""
+    b, x0 = _rhs(), {k: torch.zeros_like(t) for k, t in _rhs().items()}
+    (b if where == "b" else x0)["b"][1] = value
+    calls: list[dict[str, Tensor]] = []
+    result = conjugate_gradient(_diag_hvp(calls), b, x0, iters=5)
+    assert result.breakdown is not None
+    assert f"{where}['b'] holds {kind}" in result.breakdown
+    assert "Hessian-vector product" not in result.breakdown  # the hvp is not to blame
+    assert result.iterations == 0 and not result.converged and bool(result.failed)
+    assert all(torch.isfinite(t).all() for t in result.solution.values())
+    assert all(torch.isfinite(t).all() for call in calls for t in call.values())
+
+
+def test_non_finite_b_of_one_system_freezes_only_that_system() -> None:
+    """Batched: system 1's ``b`` holds an inf; systems 0 and 2 are solved as if alone
+    (``H = 2 I``: exact after one step, float64 to 1e-12)."""
+    b = _rhs((3,))
+    b["w"][1, 0, 2] = float("inf")
+    result = conjugate_gradient(_diag_hvp([]), b, iters=3, batched=True)
+    assert result.failed.tolist() == [False, True, False]
+    assert "b['w'] holds inf" in result.breakdown
+    for key in b:
+        torch.testing.assert_close(
+            result.solution[key][[0, 2]], b[key][[0, 2]] / 2, rtol=1e-12, atol=0
+        )
+        assert torch.equal(result.solution[key][1], torch.zeros_like(b[key][1]))
+    assert torch.isfinite(result.residual[[0, 2]]).all() and not torch.isfinite(result.residual[1])
+
+
+def test_non_finite_product_at_the_warm_start_blames_the_hvp() -> None:
+    b, x0 = _rhs(), _rhs()
+    result = conjugate_gradient(lambda v: {k: t * float("inf") for k, t in v.items()}, b, x0)
+    assert result.breakdown is not None and "Hessian-vector product H x0" in result.breakdown
+    assert result.iterations == 0 and torch.isfinite(result.solution["w"]).all()
+
+
+def test_wrong_shaped_or_keyed_hvp_result_names_the_argument() -> None:
+    b = _rhs()
+    flat = {"w": lambda v: {"w": v["w"].reshape(-1), "b": v["b"]}}
+    with pytest.raises(
+        ValueError, match=r"hvp\(v\) must be shaped like b .*'w': \(2, 3\).*got .*'w': \(6,\)"
+    ):
+        conjugate_gradient(flat["w"], b)
+    with pytest.raises(
+        ValueError, match=r"hvp\(v\) must have the keys of b \['b', 'w'\], got \['w'\]"
+    ):
+        conjugate_gradient(lambda v: {"w": v["w"]}, b)
+    with pytest.raises(TypeError, match="hvp\\(v\\) must be a dict of str -> Tensor.*got Tensor"):
+        conjugate_gradient(lambda v: v["w"], b)
+
+
+def test_mismatched_x0_or_batch_sizes_name_the_argument() -> None:
+    b = _rhs()
+    with pytest.raises(
+        ValueError, match=r"x0 must have the keys of b \['b', 'w'\], got \['b', 'v'\]"
+    ):
+        conjugate_gradient(_diag_hvp([]), b, {"v": b["w"], "b": b["b"]})
+    with pytest.raises(ValueError, match=r"x0 must be shaped like b"):
+        conjugate_gradient(_diag_hvp([]), b, {"w": b["w"].T, "b": b["b"]})
+    with pytest.raises(TypeError, match="x0 must be a dict"):
+        conjugate_gradient(_diag_hvp([]), b, b["w"])
+    with pytest.raises(ValueError, match="batched=True needs every tensor of b to share"):
+        conjugate_gradient(_diag_hvp([]), b, batched=True)  # first dims 2 and 3

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrmeta.cli import main
-from mrmeta.data import available_datasets
+from mrmeta import __version__
+from mrmeta._factory import build_learner, build_model
+from mrmeta.cli import build_parser, config_from_args, main
+from mrmeta.config import APPLIES_TO, ConfigError, TrainConfig
+from mrmeta.evaluate import format_accuracy as _accuracy_text
 
 DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(
@@ -52,6 +55,14 @@ TINY = [
     "--seed",
     "3",
 ]
+
+
+def _tiny_for(algo: str) -> list[str]:
+    """TINY without ``--cg-iters`` for the algorithms that have no CG (the CLI refuses it)."""
+    if algo in APPLIES_TO["cg_iters"]:
+        return [*TINY, "--quiet"]
+    at = TINY.index("--cg-iters")
+    return [*TINY[:at], *TINY[at + 2 :], "--quiet"]
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -109,7 +120,7 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path: Path, capsys) -> None:
 def test_every_algorithm_trains_from_the_command_line(tmp_path: Path, capsys, algo: str) -> None:
     out = tmp_path / "run"
     code, stdout, err = _run(
-        ["train", "--algo", algo, *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys
+        ["train", "--algo", algo, *_tiny_for(algo), "--iterations", "2", "--out", str(out)], capsys
     )
     assert code == 0, err
     assert "test accuracy" in stdout
@@ -202,10 +213,10 @@ BAD_INPUTS = [
     (["--shots", "15", "--queries", "10"], "shots + queries"),
     (["--lr", "nan"], "lr must be a finite number"),
     (["--lr", "-1"], "lr must be > 0"),
-    (["--inner-lr", "inf"], "inner_lr must be a finite number"),
+    (["--inner-lr", "inf"], "--inner-lr must be a finite number"),
     (["--data-root", "/nonexistent/mrmeta-data", "--no-download"], "MRMETA_DATA"),
-    (["--dataset", "sinusoid"], "not an image benchmark"),
-    (["--meta-batch", "0"], "meta_batch must be an integer >= 1"),
+    (["--dataset", "sinusoid"], "--dataset must be one of omniglot, cifar-fs"),
+    (["--meta-batch", "0"], "--meta-batch must be an integer >= 1"),
 ]
 
 
@@ -226,8 +237,8 @@ def test_bad_input_is_one_line_without_traceback(tmp_path: Path, capsys, extra, 
     [
         (None, "does not exist"),
         ("ways = [1, 2", "not valid TOML"),
-        ("wayz = 5\n", "unknown key 'wayz'"),
-        ("ways = 'five'\n", "ways must be an integer"),
+        ("wayz = 5\n", "run.toml: wayz is not a key"),
+        ("ways = 'five'\n", "run.toml: ways must be an integer"),
     ],
 )
 def test_bad_config_file(tmp_path: Path, capsys, content, message) -> None:
@@ -290,7 +301,7 @@ def test_out_that_is_a_file_and_queries_zero_are_refused(tmp_path: Path, capsys)
     code, _, err = _run(["train", "--out", str(afile)], capsys)
     assert code == 2 and "is a file" in err and afile.read_text() == "keep me"
     code, _, err = _run(["train", "--queries", "0", "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "queries must be an integer >= 1" in err
+    assert code == 2 and "--queries must be an integer >= 1" in err
 
 
 def test_damaged_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
@@ -323,19 +334,113 @@ def test_vinyals_split_from_the_command_line(tmp_path: Path, capsys) -> None:
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["omniglot_split"] == "vinyals"
     code, _, err = _run(["train", *TINY, "--omniglot-split", "mini", "--out", str(out)], capsys)
-    assert code == 2 and "omniglot_split must be one of lake, vinyals" in err
+    assert code == 2 and "--omniglot-split must be one of lake, vinyals" in err
 
 
-@pytest.mark.parametrize(
-    ("dataset", "message"),
-    [("sinusoid", "sinusoid: not an image benchmark"), ("mnist", "mnist: unknown dataset")],
-)
-def test_train_offers_only_the_image_benchmarks(tmp_path: Path, capsys, dataset, message) -> None:
-    """Refused before any data is read; the choices listed are the registry's image
-    benchmarks, without the library-only sinusoid."""
+# --------------------------------------------------------------------------- strict config checks
+def _wrong_type(name: str, default: object) -> object:
+    """A value of the wrong type for field ``name`` (whose default is ``default``)."""
+    if isinstance(default, bool):
+        return "false"  # a TOML string, not a boolean: it used to count as true
+    if isinstance(default, str) or name == "data_root":
+        return 5  # data_root = 5 used to give a TypeError traceback
+    return "5"  # a string for a number (and for inner_lr, neither a number nor 'auto')
+
+
+@pytest.mark.parametrize("field", [f for f in TrainConfig.__dataclass_fields__])
+def test_every_key_is_type_checked_with_one_line(field: str) -> None:
+    value = _wrong_type(field, getattr(TrainConfig(), field))
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({field: value}, source="run.toml")
+    assert str(err.value).startswith(f"run.toml: {field} must be ") and "\n" not in str(err.value)
+    assert repr(value) in str(err.value)
+
+
+def test_toml_types_are_checked_strictly_one_line_each(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('distributed = "false"\ndownload = "yes"\ndata_root = 5\n')
     out = tmp_path / "run"
-    code, _, err = _run(["train", "--dataset", dataset, "--out", str(out)], capsys)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    choices = err.split("one of ")[1].split(" (")[0].split(", ")
-    assert choices == list(available_datasets(images_only=True)) and "sinusoid" not in choices
-    assert not out.exists()
+    code, _, err = _run(["train", "--config", str(config), "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    assert sorted(lines) == [
+        f"mrmeta: error: {config}: data_root must be a string; got 5",
+        f"mrmeta: error: {config}: distributed must be true or false; got 'false' "
+        "(a string: write true or false)",
+        f"mrmeta: error: {config}: download must be true or false; got 'yes' "
+        "(a string: write true or false)",
+    ]
+
+
+def test_cli_errors_name_the_flags_and_file_errors_the_key(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--time-budget", "0", "--out", str(out)], capsys)
+    assert code == 2 and err.strip() == "mrmeta: error: --time-budget must be > 0; got 0.0"
+    config = tmp_path / "run.toml"
+    config.write_text("time_budget = 0\nmeta-batch = 0\n")
+    code, _, err = _run(["train", "--config", str(config), "--out", str(out)], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"mrmeta: error: {config}: meta-batch must be an integer >= 1; got 0",
+        f"mrmeta: error: {config}: time_budget must be > 0; got 0",
+    ]
+
+
+def _config(argv: list[str]) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(["train", "--out", "r", *argv]))
+
+
+def test_options_of_other_algorithms_are_refused_naming_theirs(tmp_path: Path, capsys) -> None:
+    argv = ["--algo", "fomaml", "--warm-start-cg", "--learn-head-init", "--reg", "5", "--l2", "3"]
+    code, _, err = _run(["train", *argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "run").exists()
+    assert err.strip().splitlines() == [
+        "mrmeta: error: --warm-start-cg applies only to mrml, not to fomaml; remove it",
+        "mrmeta: error: --learn-head-init applies only to mrml, not to fomaml; remove it",
+        "mrmeta: error: --reg applies only to imaml, not to fomaml; remove it",
+        "mrmeta: error: --l2 applies only to mrml and itd-bio, not to fomaml; remove it",
+    ]
+    config = tmp_path / "run.toml"
+    config.write_text('algo = "maml"\ncg_iters = 3\n')
+    with pytest.raises(ConfigError, match=rf"^{config}: cg_iters applies only to mrml and imaml"):
+        _config(["--config", str(config)])
+    with pytest.raises(ConfigError, match="^--no-warm-start-head applies only|^--warm-start-head"):
+        _config(["--algo", "anil", "--no-warm-start-head"])  # explicitly set, even to its default
+
+
+@pytest.mark.parametrize("algo", ["mrml", "maml", "fomaml", "anil", "itd-bio", "imaml"])
+def test_options_left_at_their_defaults_are_never_refused(algo: str) -> None:
+    assert _config(["--algo", algo]).algo == algo  # l2, reg, warm starts keep their defaults
+    for key, algos in APPLIES_TO.items():
+        if algo in algos:  # and each option its algorithm has is accepted
+            flag = "--" + key.replace("_", "-")
+            value = [] if isinstance(getattr(TrainConfig(), key), bool) else ["1"]
+            assert _config(["--algo", algo, flag, *value]).algo == algo
+
+
+@pytest.mark.parametrize("dataset", ["sinusoid", "imagenet-1k"])
+def test_unknown_dataset_offers_only_what_train_can_train(tmp_path: Path, capsys, dataset) -> None:
+    code, _, err = _run(["train", "--dataset", dataset, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.strip() == (
+        "mrmeta: error: --dataset must be one of omniglot, cifar-fs, fc100, mini-imagenet, "
+        f"tiered-imagenet; got {dataset!r}"
+    )
+    assert _config(["--dataset", "CIFAR_FS"]).dataset == "CIFAR_FS"  # spellings the loader forgives
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mrmeta {__version__}"
+
+
+def test_one_task_accuracy_shows_no_confidence_interval() -> None:
+    assert (
+        _accuracy_text(0.5, 0.0, 1, "native") == "50.00% (1 task: no confidence interval, native)"
+    )
+    assert _accuracy_text(0.5, 0.01, 600, "native") == "50.00% ± 1.00% (95% CI, 600 tasks, native)"
+
+
+def test_learner_option_errors_name_the_flag() -> None:
+    config = TrainConfig(algo="maml", inner_lr="auto", hidden=8)
+    with pytest.raises(ConfigError, match="^--algo maml: --inner-lr must be a number"):
+        build_learner(config, build_model(config, (1, 28, 28)))

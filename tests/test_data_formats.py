@@ -101,6 +101,27 @@ def test_anything_but_plain_arrays_is_refused(tmp_path, payload):
         load_pickle(path)
 
 
+def _object_flagged_void_pickle(flags: int, protocol: int) -> bytes:
+    """A pickled ``V8`` array whose dtype state (the tuple its BUILD hands to
+    ``dtype.__setstate__``) carries ``flags``; numpy accepts object flags there, so without a
+    check the array is built as an object array over raw bytes (no code of ours runs)."""
+    raw = pickle.dumps(np.zeros(2, dtype="V8"), protocol=protocol)
+    # (version 3, '|', subarray, names, fields, elsize 8, alignment 1, flags 0): BININT1 8, 1, 0
+    clean = b"K\x08K\x01K\x00t"
+    assert raw.count(clean) == 1
+    return raw.replace(clean, b"K\x08K\x01K" + bytes([flags]) + b"t")
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("flags", [0x01, 0x05, 0x3F], ids=["hasobject", "pointer", "all"])
+def test_dtype_given_object_flags_by_its_state_is_refused(tmp_path, flags, protocol):
+    path = tmp_path / "flags.pkl"
+    path.write_bytes(_object_flagged_void_pickle(flags, protocol))
+    with pytest.raises(DataError, match=r"refused a pickled numpy dtype with object flags") as err:
+        load_pickle(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
 def test_truncated_pickle_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.pkl"
     path.write_bytes(pickle.dumps({"a": np.zeros(100)}, protocol=4)[:50])

@@ -273,7 +273,7 @@ def test_last_block_trains_from_the_command_line(
     ("extra", "message"),
     [
         (["--algo", "maml"], "adapt last-block applies to mrml, anil, itd-bio only"),
-        (["--inner-lr", "auto"], "inner_lr 'auto' needs the linear head"),
+        (["--inner-lr", "auto"], "'auto' needs the linear head's curvature bound"),
         (["--inner-solver", "newton"], "use --inner-solver gd"),
         (["--eval-protocol", "frozen-backbone"], "use --eval-protocol native"),
     ],

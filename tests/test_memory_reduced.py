@@ -335,9 +335,7 @@ def test_warm_start_cg_changes_the_start_but_not_the_exact_solution() -> None:
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
 def test_predict_returns_the_reference_adapted_logits(kind: str) -> None:
     backbone, head, batch = _setup(kind)
-    learner = MemoryReduced(
-        backbone, head, inner_solver="gd", inner_steps=4, l2=0.1, chunk_size=3
-    )
+    learner = MemoryReduced(backbone, head, inner_solver="gd", inner_steps=4, l2=0.1, chunk_size=3)
     logits = learner.predict(batch)
     assert logits.shape == (TASKS, N_QUERY, WAYS)
     kw = {"steps": 4, "lr": "auto", "l2": 0.1, "cg": 0, "learn_init": False}
@@ -431,3 +429,54 @@ def test_meta_step_names_the_expected_batch_type() -> None:
     with pytest.raises(TypeError, match="TaskBatch.*got dict"):
         fields = dict(zip(("sx", "sy", "qx", "qy"), batch.fields(), strict=True))
         learner.meta_step(fields, optimizer)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_warm_starts_come_from_the_same_slot_of_the_previous_batch(
+    chunk_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk k's CG start is slot k's previous v and its φ start slot k's previous φ (a wrong
+    slot offset changes no loss much, so it is checked here directly)."""
+    from mrmeta.algorithms import memory_reduced as module
+
+    calls: list[tuple[dict | None, dict]] = []
+    original_solve = MemoryReduced.solve
+
+    def recording_solve(self, problem, start):  # noqa: ANN001, ANN202
+        phi, report = original_solve(self, problem, start)
+        calls.append(("solve", {k: v.clone() for k, v in start.items()}))
+        return phi, report
+
+    def recording_hypergradient(problem, phi, query, labels, *, cg_iters, v0, tol):  # noqa: ANN001, ANN202
+        calls.append(("v0", None if v0 is None else {k: v.clone() for k, v in v0.items()}))
+        return original(problem, phi, query, labels, cg_iters=cg_iters, v0=v0, tol=tol)
+
+    original = module.head_hypergradient
+    monkeypatch.setattr(module, "head_hypergradient", recording_hypergradient)
+    monkeypatch.setattr(MemoryReduced, "solve", recording_solve)
+    backbone, head, batch = _setup("mlp")
+    learner = MemoryReduced(
+        backbone,
+        head,
+        inner_solver="gd",
+        inner_steps=2,
+        inner_lr=0.3,
+        l2=0.1,
+        cg_iters=1,
+        warm_start_head=True,
+        warm_start_cg=True,
+        chunk_size=chunk_size,
+    )
+    optimizer = torch.optim.SGD(learner.meta_parameters(), lr=ETA)
+    learner.meta_step(batch, optimizer)
+    previous_heads, previous_vs = learner.slots.heads, learner.slots.vs
+    calls.clear()
+    learner.meta_step(_batch((3,)), optimizer)
+    starts = [c for kind, c in calls if kind == "solve"]
+    v0s = [c for kind, c in calls if kind == "v0"]
+    assert len(starts) == len(v0s) == TASKS // chunk_size
+    for k, (start, v0) in enumerate(zip(starts, v0s, strict=True)):
+        slots = slice(k * chunk_size, (k + 1) * chunk_size)
+        for name in start:
+            assert torch.equal(start[name], previous_heads[name][slots])
+            assert torch.equal(v0[name], previous_vs[name][slots])

@@ -84,3 +84,13 @@ def test_conv4_logits_shape_for_one_task_and_a_task_batch() -> None:
     assert model(torch.randn(6, 1, 28, 28)).shape == (6, 5)
     assert model(torch.randn(2, 6, 1, 28, 28)).shape == (2, 6, 5)
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+
+
+def test_conv4_names_the_expected_image_shape() -> None:
+    import pytest
+
+    model = Conv4(ways=5, in_channels=1, hidden=8, image_size=28)
+    with pytest.raises(ValueError, match=r"\(1, 28, 28\).*got shape \(2, 5, 1, 32, 32\)"):
+        model.backbone(torch.randn(2, 5, 1, 32, 32))
+    with pytest.raises(ValueError, match="got shape"):
+        model(torch.randn(5, 3, 28, 28))

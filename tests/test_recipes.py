@@ -75,7 +75,8 @@ def test_recipe_parses_with_the_paper_settings(path: Path):
     text = path.read_text()
     if path.parent.name != "paper":
         # The defaults for now, with the algorithm's defaults written out.
-        unset = {name: None for name in ("inner_steps", "inner_lr", "cg_iters")}
+        names = ("inner_solver", "inner_steps", "inner_tol", "inner_lr", "cg_iters", "l2")
+        unset = dict.fromkeys(names)
         assert config.replace(**unset) == TrainConfig()
         assert all(resolved(config, n) == resolved(TrainConfig(), n) for n in unset)
         return
@@ -91,6 +92,7 @@ def test_recipe_parses_with_the_paper_settings(path: Path):
     )
     assert (config.inner_lr, config.lr) == ((0.05, 1e-3) if large else (0.1, 1e-4))
     assert (config.eval_protocol, config.test_tasks) == ("frozen-backbone", 640)
+    assert config.inner_solver == "gd" and config.l2 == 0.0  # the paper's lower level
     assert "accuracy" in text and "Not measured here" in text
 
 

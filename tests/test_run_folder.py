@@ -77,8 +77,17 @@ def _train_iterations(folder: Path) -> list[int]:
     return [r["iteration"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
+def _for_algo(args: list[str], extra: tuple[str, ...]) -> list[str]:
+    """``args`` without ``--cg-iters N`` when ``extra`` picks an algorithm without CG."""
+    if "--algo" not in extra or extra[extra.index("--algo") + 1] in ("mrml", "imaml"):
+        return args
+    i = args.index("--cg-iters")
+    return args[:i] + args[i + 2 :]
+
+
 def _new_run(folder: Path, capsys, *extra: str) -> None:
-    code, _, err = _run(["train", *SMALL, *DATA, *extra, "--out", folder, "--quiet"], capsys)
+    argv = ["train", *_for_algo(SMALL, extra), *DATA, *extra, "--out", folder, "--quiet"]
+    code, _, err = _run(argv, capsys)
     assert code == 0, err
 
 
@@ -485,3 +494,25 @@ def test_nonfinite_tensors_names_each_bad_tensor() -> None:
         "e": [torch.zeros(2), "text"],
     }
     assert nonfinite_tensors(tree) == ["a", "b.c"]
+
+
+def test_a_checkpoint_holding_objects_is_refused_without_unsafe_advice(tmp_path: Path) -> None:
+    import pathlib
+
+    from mrmeta._checkpoint import load_checkpoint
+    from mrmeta.errors import CheckpointError
+
+    path = tmp_path / "last.pt"
+    torch.save({"x": pathlib.PurePosixPath("a")}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "refused without running" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_one_task_evaluation_shows_no_interval() -> None:
+    from mrmeta.evaluate import EvalResult
+
+    one = EvalResult.from_accuracies(torch.tensor([0.5]), "native")
+    assert "±" not in str(one) and "1 task: no confidence interval" in str(one)
+    assert "± " in str(EvalResult.from_accuracies(torch.tensor([0.5, 0.7]), "native"))

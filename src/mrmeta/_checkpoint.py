@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code from the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's protocol warning repeats the unsafe advice
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume") from err
+    except pickle.UnpicklingError as err:  # torch's text advises weights_only=False: unsafe
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is not a file of tensors and plain "
+            "containers (refused without running anything in it); it is damaged, not an mrmeta "
+            "checkpoint, or was tampered with"
+        ) from err
     except Exception as err:  # a corrupt or foreign file: say so in one line
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(err).__name__}: "

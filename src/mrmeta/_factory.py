@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -9,30 +10,13 @@ from torch import nn
 
 from mrmeta.algorithms import algorithm_class, algorithm_defaults, splits_head
 from mrmeta.algorithms.base import MetaLearner
-from mrmeta.config import ConfigError, TrainConfig
+from mrmeta.config import ALGORITHM_OPTIONS, ConfigError, TrainConfig
 from mrmeta.models import Conv4, ResNet12, resnet12_widths, split_model
-
-# The TrainConfig fields that are constructor options of (some) algorithms. A field left at None
-# takes the algorithm's own default: its constructor's (mrmeta.algorithms.algorithm_defaults),
-# the one home of every default.
-LEARNER_OPTIONS = (
-    "inner_solver",
-    "inner_steps",
-    "inner_tol",
-    "inner_lr",
-    "cg_iters",
-    "l2",
-    "reg",
-    "warm_start_head",
-    "warm_start_cg",
-    "learn_head_init",
-)
-
 
 LAST_BLOCK_DEFAULTS = {"inner_solver": "gd", "inner_lr": 0.1}
 """The lower level of ``adapt = "last-block"`` where the config leaves it unset: gradient steps
 of a fixed size. ``"auto"`` needs a linear head's curvature bound, which a conv block does not
-have, and Newton-CG does not converge on its non-convex lower level (benchmarks/README.md)."""
+have, and Newton-CG does not converge on its non-convex lower level (README, Backbones)."""
 
 
 def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4 | ResNet12:
@@ -57,7 +41,7 @@ def learner_options(config: TrainConfig) -> dict[str, Any]:
     """The constructor options ``config`` sets for its algorithm (unset ones are left out)."""
     accepted = algorithm_defaults(config.algo)
     options = {"chunk_size": config.chunk_size}
-    for name in LEARNER_OPTIONS:
+    for name in ALGORITHM_OPTIONS:
         value = getattr(config, name)
         if name in accepted and value is not None:
             options[name] = value
@@ -83,7 +67,15 @@ def build_learner(config: TrainConfig, model: Conv4) -> MetaLearner:
             return cls(backbone, head, **learner_options(config))
         return cls(model, **learner_options(config))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--algo {config.algo}: {err}") from err
+        raise ConfigError(f"--algo {config.algo}: {_as_flags(str(err))}") from err
+
+
+def _as_flags(message: str) -> str:
+    """``message`` with a leading option name as its flag (``inner_lr`` → ``--inner-lr``)."""
+    first, _, rest = message.partition(" ")
+    if first in {f.name for f in fields(TrainConfig)}:
+        return f"--{first.replace('_', '-')} {rest}"
+    return message
 
 
 def build_optimizer(config: TrainConfig, learner: MetaLearner | nn.Module) -> torch.optim.Optimizer:

@@ -159,7 +159,10 @@ def evaluate_run(
     state = folder.load(name)
     config = TrainConfig.from_dict(state["config"], source=str(folder.file(name)))
     root = data_root_for(data_root, config.data_root)
-    config = config.replace(device=device or config.device, distributed=False, data_root=root)
+    # eval reads the data where it is told or where the run found it, and downloads nothing
+    config = config.replace(
+        device=device or config.device, distributed=False, data_root=root, download=False
+    )
     target = resolve_device(config.device)
     dataset = load_split(config, "test")
     with torch.random.fork_rng(devices=[]):  # the model's initialisation leaves no trace

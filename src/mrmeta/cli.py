@@ -9,7 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mrmeta.config import ALGORITHMS, OPTIMIZERS, PROTOCOLS, TrainConfig, read_toml
+from mrmeta import __version__
+from mrmeta.config import (
+    ALGORITHMS,
+    OPTIMIZERS,
+    PROTOCOLS,
+    ConfigError,
+    TrainConfig,
+    options_not_applying,
+    read_toml,
+)
 from mrmeta.data import available_datasets
 from mrmeta.errors import (
     DataError,
@@ -19,6 +28,7 @@ from mrmeta.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
+from mrmeta.evaluate import format_accuracy
 
 HELP = {
     "algo": f"meta-learning method: {', '.join(ALGORITHMS)}",
@@ -110,11 +120,11 @@ SPECIAL_TYPES = {
 
 def _default_text(name: str, default: object) -> str:
     """The default shown in ``--help``: per algorithm for the options the algorithm sets."""
-    from mrmeta._factory import LEARNER_OPTIONS
     from mrmeta.algorithms import ALGORITHMS as CLASSES
     from mrmeta.algorithms import algorithm_defaults
+    from mrmeta.config import ALGORITHM_OPTIONS
 
-    if name not in LEARNER_OPTIONS or default is not None:
+    if name not in ALGORITHM_OPTIONS or default is not None:
         return str(default)
     per_algo = [
         f"{algo} {algorithm_defaults(algo)[name]}"
@@ -146,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mrmeta", description="Memory-reduced meta-learning and its baselines."
     )
+    parser.add_argument("--version", action="version", version=f"mrmeta {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train, validate, test")
     train.add_argument(
@@ -185,9 +196,42 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, overridden by the TOML file, overridden by the flags."""
-    return TrainConfig.from_dict(given_settings(args), source=str(args.config or "flags"))
+    """Defaults, overridden by the TOML file, overridden by the flags.
+
+    Errors name each key as its user wrote it: ``--time-budget`` for a flag,
+    ``run.toml: time_budget`` for a key of the file. An option the chosen algorithm does not
+    have (:data:`mrmeta.config.APPLIES_TO`) is refused when the flags or the file set it;
+    options left out keep their defaults and are never refused.
+    """
+    file_values = read_toml(args.config) if args.config is not None else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flag_values = {k: v for k, v in vars(args).items() if k in names}
+    typed = {key.replace("-", "_"): key for key in file_values}
+
+    def name(key: str) -> str:
+        return _flag(key) if key in flag_values else f"{args.config}: {typed.get(key, key)}"
+
+    values = {**{k.replace("-", "_"): v for k, v in file_values.items()}, **flag_values}
+    config = TrainConfig.from_dict(values, name=name)
+    problems = options_not_applying(config.algo, values)
+    problems += _dataset_problem(config.dataset)
+    if problems:
+        raise ConfigError(problems=problems).renamed(name)
+    return config
+
+
+def _dataset_problem(dataset: str) -> list[tuple[str, str]]:
+    """``[("dataset", why)]`` unless ``dataset`` names an image benchmark 'train' can train."""
+    from mrmeta.data import image_datasets, is_image_dataset
+
+    if is_image_dataset(dataset):
+        return []
+    return [("dataset", f"must be one of {', '.join(image_datasets())}; got {dataset!r}")]
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -195,20 +239,24 @@ def _run_train(args: argparse.Namespace) -> None:
 
     if args.resume:  # what is given again must match the run (see mrmeta.train.resumed_config)
         settings = given_settings(args)
-        result = train(None, args.out, resume=True, overrides=settings, progress=not args.quiet)
+        try:
+            result = train(
+                None, args.out, resume=True, overrides=settings, progress=not args.quiet
+            )
+        except ConfigError as err:  # name the settings as the flags the user typed
+            raise err.renamed(lambda key: _flag(key) if key in settings else key) from None
     else:
         result = train(config_from_args(args), args.out, progress=not args.quiet)
     if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
         return
     if result["test_accuracy"] is None:
         print(f"no test (--test-tasks 0); best validation accuracy "
-              f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")  # fmt: skip
+              f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")
         return
-    print(
-        f"test accuracy: {100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
-        f"(95% CI, {result['test_tasks']} tasks, {result['test_protocol']}); "
-        f"results in {args.out}"
+    accuracy = format_accuracy(
+        result["test_accuracy"], result["test_ci95"], result["test_tasks"], result["test_protocol"]
     )
+    print(f"test accuracy: {accuracy}; results in {args.out}")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -223,7 +271,13 @@ def _run_eval(args: argparse.Namespace) -> None:
         data_root=args.data_root,
         progress=not args.quiet,
     )
-    print(f"test accuracy: {result}")
+    print(f"test accuracy: {result}")  # says which checkpoint was tested
+
+
+def _print_error(err: Exception) -> None:
+    """One ``mrmeta: error:`` line per problem the error lists."""
+    for line in str(err).splitlines() or [""]:
+        print(f"mrmeta: error: {line}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mrmeta: {err}", file=sys.stderr)
         return 128 + err.signal_number
     except (TrainingDiverged, DistributedError, RunWriteError, OutOfMemory) as err:
-        print(f"mrmeta: error: {err}", file=sys.stderr)
+        _print_error(err)
         return 1
     except (MrmetaError, DataError, FileNotFoundError) as err:
-        print(f"mrmeta: error: {err}", file=sys.stderr)
+        _print_error(err)
         return 2
     except KeyboardInterrupt:
         print("mrmeta: interrupted", file=sys.stderr)

@@ -6,26 +6,54 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, get_args, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from mrmeta.algorithms import ALGORITHMS as ALGORITHM_CLASSES
+from mrmeta.algorithms import algorithm_defaults, splits_head
 from mrmeta.errors import ConfigError  # re-exported: ``mrmeta.config.ConfigError`` stays
 from mrmeta.evaluate import PROTOCOLS  # the evaluation layer owns its protocol names
 from mrmeta.models import ADAPTS
 
-ALGORITHMS = ("mrml", "maml", "fomaml", "anil", "itd-bio", "imaml")
+ALGORITHMS = tuple(ALGORITHM_CLASSES)  # the registry's names
+# The TrainConfig fields that are options of (some) algorithms' constructors. Left at None, a
+# field takes the algorithm's own default (mrmeta.algorithms.algorithm_defaults, read from its
+# options dataclass: the one home of every default). APPLIES_TO: the options only some
+# algorithms have, and those algorithms; setting one (a flag or a TOML key) for another
+# algorithm is refused (options_not_applying).
+ALGORITHM_OPTIONS = (
+    "inner_solver",
+    "inner_steps",
+    "inner_tol",
+    "inner_lr",
+    "cg_iters",
+    "l2",
+    "reg",
+    "warm_start_head",
+    "warm_start_cg",
+    "learn_head_init",
+)
+APPLIES_TO: dict[str, tuple[str, ...]] = {
+    key: algos
+    for key in ALGORITHM_OPTIONS
+    if (algos := tuple(a for a in ALGORITHMS if key in algorithm_defaults(a))) != ALGORITHMS
+}
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 INNER_SOLVERS = ("newton", "gd")
 BACKBONES = ("conv4", "resnet12")
-LAST_BLOCK_ALGORITHMS = ("mrml", "anil", "itd-bio")  # the head-only methods
+# The head-only methods (a backbone/head split): the ones that can adapt the last block too.
+LAST_BLOCK_ALGORITHMS = tuple(a for a in ALGORITHMS if splits_head(a))
 
 
 @dataclass(frozen=True)
@@ -35,7 +63,7 @@ class TrainConfig:
     Defaults are the quick start: Omniglot 5-way 1-shot with ``mrml`` in about ten minutes on
     two CPU cores. The algorithm's options left at ``None`` (``inner_solver``, ``inner_steps``,
     ``inner_tol``, ``inner_lr``, ``cg_iters``, ``l2``, ``reg``) take its own defaults, which live
-    in its constructor (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
+    in its options dataclass (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
     (Omniglot only; ignored for the bring-your-own datasets) fetches the official archives
@@ -87,46 +115,9 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        _check_choice("algo", self.algo, ALGORITHMS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("eval_protocol", self.eval_protocol, PROTOCOLS)
-        _check_choice("omniglot_split", self.omniglot_split, ("lake", "vinyals"))
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("budget_clock", self.budget_clock, ("wall", "cpu"))
-        _check_choice("backbone", self.backbone, BACKBONES)
-        _check_adapt(self)
-        for name in (
-            "ways",
-            "shots",
-            "meta_batch",
-            "iterations",
-            "hidden",
-            "val_every",
-            "val_tasks",
-            "checkpoint_every",
-            "max_skipped",
-        ):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("queries", self.queries, minimum=1)
-        _check_int("test_tasks", self.test_tasks, minimum=0)
-        if self.inner_steps is not None:
-            _check_int("inner_steps", self.inner_steps, minimum=0)
-        if self.cg_iters is not None:
-            _check_int("cg_iters", self.cg_iters, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
-        for name in ("lr", "dist_timeout"):
-            _check_number(name, getattr(self, name), positive=True)
-        _check_learner_options(self)
-        if self.chunk_size is not None:
-            _check_int("chunk_size", self.chunk_size, minimum=1)
-        if self.threads is not None:
-            _check_int("threads", self.threads, minimum=1)
-        for name in ("time_budget", "val_every_seconds"):
-            if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name), positive=True)
-        if self.inner_lr is not None and self.inner_lr != "auto":
-            _check_number("inner_lr", self.inner_lr, positive=True)
+        problems = _problems(self) or _adapt_problems(self)
+        if problems:
+            raise ConfigError(problems=problems)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""
@@ -136,21 +127,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build from a mapping whose keys are field names (``-`` or ``_`` both accepted)."""
-        known = {f.name: f for f in fields(cls)}
-        normalized = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(
-                    f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}"
-                )
-            normalized[name] = value
+    def from_dict(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        source: str = "config",
+        name: Callable[[str], str] | None = None,
+    ) -> TrainConfig:
+        """Build from a mapping whose keys are field names (``-`` or ``_`` both accepted).
+
+        Each unknown key, wrongly typed or out-of-range value is one line of the
+        :class:`ConfigError`, naming the key as ``name(field)`` (default ``"{source}: {key}"``
+        with the key as written). ``chunk_size = "all"`` means ``None``, as the flag does.
+        """
+        known = {f.name for f in fields(cls)}
+        typed = {key.replace("-", "_"): key for key in values}
+        normalized = {key.replace("-", "_"): value for key, value in values.items()}
+        if normalized.get("chunk_size") == "all":
+            normalized["chunk_size"] = None
+        name = name or (lambda field: f"{source}: {typed.get(field, field)}")
+        valid = f"is not a key; valid keys: {', '.join(sorted(known))}"
+        unknown = [(key, valid) for key in typed if key not in known]
         try:
-            return cls(**normalized)
-        except TypeError as err:
-            raise ConfigError(f"{source}: {err}") from err
+            config = cls(**{key: v for key, v in normalized.items() if key in known})
+        except ConfigError as err:
+            raise ConfigError(problems=[*unknown, *err.problems]).renamed(name) from None
+        if unknown:
+            raise ConfigError(problems=unknown).renamed(name)
+        return config
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -170,62 +174,152 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return dict(data.get("train", data))
 
 
-def _check_learner_options(config: TrainConfig) -> None:
-    """The algorithm options that may be left unset (None: the algorithm's default)."""
-    for name in ("l2", "inner_tol"):
-        if getattr(config, name) is not None:
-            _check_number(name, getattr(config, name), positive=False)
-    if config.reg is not None:
-        _check_number("reg", config.reg, positive=True)
-    if config.inner_solver is not None:
-        _check_choice("inner_solver", config.inner_solver, INNER_SOLVERS)
+def options_not_applying(algo: str, given: Iterable[str]) -> list[tuple[str, str]]:
+    """The ``(key, text)`` problems of the options in ``given`` that ``algo`` does not have
+    (:data:`APPLIES_TO`). ``given`` are the keys a user set, not the defaults."""
+    return [
+        (key, f"applies only to {' and '.join(APPLIES_TO[key])}, not to {algo}; remove it")
+        for key in given
+        if key in APPLIES_TO and algo not in APPLIES_TO[key]
+    ]
 
 
-def _check_adapt(config: TrainConfig) -> None:
-    """``adapt`` is a choice; the last block is adapted by the head-only methods only, with a
-    fixed inner step (no curvature bound), gradient steps and the native test protocol."""
-    _check_choice("adapt", config.adapt, ADAPTS)
+def _adapt_problems(config: TrainConfig) -> list[tuple[str, str]]:
+    """The ``(key, text)`` problems of ``adapt = "last-block"``: only the head-only methods adapt
+    the last block, with fixed-size gradient steps (no curvature bound, no convexity) and the
+    native test protocol."""
     if config.adapt == "head":
-        return
+        return []
     if config.algo not in LAST_BLOCK_ALGORITHMS:
-        raise ConfigError(
-            f"adapt last-block applies to {', '.join(LAST_BLOCK_ALGORITHMS)} only; "
-            f"--algo {config.algo} adapts the whole network: drop --adapt or pick one of them"
-        )
+        return [
+            (
+                "adapt",
+                f"last-block applies to {', '.join(LAST_BLOCK_ALGORITHMS)} only; --algo "
+                f"{config.algo} adapts the whole network: drop --adapt or pick one of them",
+            )
+        ]
+    problems = []
     if config.inner_lr == "auto":
-        raise ConfigError(
-            "inner_lr 'auto' needs the linear head's curvature bound (--adapt head); with "
-            "--adapt last-block pass a number, or leave it unset for the last-block default"
+        problems.append(
+            (
+                "inner_lr",
+                "'auto' needs the linear head's curvature bound (--adapt head); with --adapt "
+                "last-block pass a number, or leave it unset for the last-block default",
+            )
         )
     if config.inner_solver == "newton":
-        raise ConfigError(
-            "inner_solver newton needs a convex lower level; the last block's is not (50 "
-            "Newton-CG iterations left |grad| near 10 on Omniglot): with --adapt last-block "
-            "use --inner-solver gd (its default)"
+        problems.append(
+            (
+                "inner_solver",
+                "newton needs a convex lower level; the last block's is not (50 Newton-CG "
+                "iterations left |grad| near 10 on Omniglot): with --adapt last-block use "
+                "--inner-solver gd (its default)",
+            )
         )
     if config.eval_protocol == "frozen-backbone":
-        raise ConfigError(
-            "eval_protocol frozen-backbone fits a linear head on the backbone's features and "
-            "needs --adapt head; with --adapt last-block use --eval-protocol native"
+        problems.append(
+            (
+                "eval_protocol",
+                "frozen-backbone fits a linear head on the backbone's features and needs "
+                "--adapt head; with --adapt last-block use --eval-protocol native",
+            )
         )
+    return problems
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value}")
+def _has_type(kind: type, value: object) -> bool:
+    """``isinstance`` where a bool is no number and an int is a float."""
+    if kind is type(None):
+        return value is None
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
-def _check_number(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number; got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number; got {value}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'}; got {value}")
+def _type_problem(hint: Any, value: object) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (``int | None`` etc.), or ``None``."""
+    kinds = get_args(hint) if isinstance(hint, UnionType) else (hint,)
+    if any(_has_type(kind, value) for kind in kinds):
+        return None
+    wanted = " or ".join(_KINDS[kind] for kind in kinds if kind is not type(None))
+    quoted = bool in kinds and isinstance(value, str)
+    return f"must be {wanted}; got {value!r}" + (
+        " (a string: write true or false)" if quoted else ""
+    )
+
+
+def _choice(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
+
+
+def _at_least(minimum: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= minimum else f"must be an integer >= {minimum}; got {v}"
+
+
+def _number(*, positive: bool) -> Callable[[Any], str | None]:
+    def rule(value: float) -> str | None:
+        if not math.isfinite(value):
+            return f"must be a finite number; got {value}"
+        if value < 0 or (positive and value == 0):
+            return f"must be {'> 0' if positive else '>= 0'}; got {value}"
+        return None
+
+    return rule
+
+
+def _inner_lr(value: float | str) -> str | None:
+    if isinstance(value, str):
+        return None if value == "auto" else f"must be a number or 'auto'; got {value!r}"
+    return _number(positive=True)(value)
+
+
+# The value rule of each field, applied once its type is right and it is not None.
+_RULES: dict[str, Callable[[Any], str | None]] = {
+    "algo": _choice(*ALGORITHMS),
+    "optimizer": _choice(*OPTIMIZERS),
+    "device": _choice(*DEVICES),
+    "eval_protocol": _choice(*PROTOCOLS),
+    "omniglot_split": _choice("lake", "vinyals"),
+    "dtype": _choice(*DTYPES),
+    **dict.fromkeys(
+        ("ways", "shots", "queries", "meta_batch", "iterations", "hidden", "val_every"),
+        _at_least(1),
+    ),
+    **dict.fromkeys(
+        ("val_tasks", "checkpoint_every", "max_skipped", "chunk_size", "threads"), _at_least(1)
+    ),
+    "test_tasks": _at_least(0),
+    "inner_solver": _choice(*INNER_SOLVERS),
+    "budget_clock": _choice("wall", "cpu"),
+    "backbone": _choice(*BACKBONES),
+    "adapt": _choice(*ADAPTS),
+    "inner_tol": _number(positive=False),
+    "val_every_seconds": _number(positive=True),
+    **dict.fromkeys(("inner_steps", "cg_iters", "seed"), _at_least(0)),
+    **dict.fromkeys(("lr", "reg", "dist_timeout", "time_budget"), _number(positive=True)),
+    "l2": _number(positive=False),
+    "inner_lr": _inner_lr,
+}
+
+
+@cache
+def _field_types() -> dict[str, Any]:
+    """The evaluated annotations of :class:`TrainConfig` (``int | None`` etc.)."""
+    return get_type_hints(TrainConfig)
+
+
+def _problems(config: TrainConfig) -> list[tuple[str, str]]:
+    """Every ``(key, text)`` problem of ``config``: the type of each field, then its value."""
+    hints = _field_types()
+    problems = []
+    for field in fields(config):
+        value = getattr(config, field.name)
+        problem = _type_problem(hints[field.name], value)
+        if problem is None and value is not None and field.name in _RULES:
+            problem = _RULES[field.name](value)
+        if problem is not None:
+            problems.append((field.name, problem))
+    return problems

@@ -17,13 +17,30 @@ one class and show its message, which is one line saying what was wrong and how 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 
 class MrmetaError(Exception):
     """Base class of the user-facing errors; the message is one line that names the fix."""
 
 
 class ConfigError(MrmetaError, ValueError):
-    """A bad configuration value or file; the message says which key and what is allowed."""
+    """A bad configuration value or file; the message says which key and what is allowed.
+
+    Errors about keys carry ``problems``: ``(key, text)`` pairs, one line ``"{key} {text}"``
+    each, so a caller that knows where a key came from can name it as the user wrote it
+    (``--time-budget`` for a flag, ``run.toml: time_budget`` for a file) with :meth:`renamed`.
+    """
+
+    def __init__(self, message: str = "", problems: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems = tuple(problems)
+        super().__init__(message or "\n".join(f"{key} {text}" for key, text in self.problems))
+
+    def renamed(self, name: Callable[[str], str]) -> ConfigError:
+        """The same error with every key ``k`` of ``problems`` written as ``name(k)``."""
+        if not self.problems:
+            return self
+        return ConfigError(problems=[(name(key), text) for key, text in self.problems])
 
 
 class DataError(MrmetaError, ValueError):

@@ -19,6 +19,13 @@ PROTOCOLS = ("native", "frozen-backbone")
 """Test protocols: the method's own adaptation, or a linear head on the frozen backbone."""
 
 
+def format_accuracy(mean: float, ci95: float, tasks: int, protocol: str) -> str:
+    """``"93.10% ± 0.52% (95% CI, 600 tasks, native)"``; one task has no interval to show."""
+    if tasks < 2:  # the interval is undefined, not ± 0
+        return f"{100 * mean:.2f}% (1 task: no confidence interval, {protocol})"
+    return f"{100 * mean:.2f}% ± {100 * ci95:.2f}% (95% CI, {tasks} tasks, {protocol})"
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Accuracy over ``tasks`` tasks: mean, standard deviation and the 95% CI half-width
@@ -33,10 +40,7 @@ class EvalResult:
     checkpoint: str | None = None
 
     def __str__(self) -> str:
-        text = (
-            f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}% "
-            f"(95% CI, {self.tasks} tasks, {self.protocol})"
-        )
+        text = format_accuracy(self.mean, self.ci95, self.tasks, self.protocol)
         return text if self.checkpoint is None else f"{text}; tested {self.checkpoint}"
 
     @classmethod

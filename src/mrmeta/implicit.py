@@ -61,15 +61,98 @@ class CGResult:
         return self.residual_norms[-1]
 
 
-def _cg_state(hvp: HVP, b: TensorDict, x0: Mapping[str, Tensor] | None) -> tuple[TensorDict, ...]:
-    """Initial ``(x, r, p)`` with ``r = p = b − H x0`` (``x0 = 0`` when not given)."""
-    if x0 is None:
-        x = tree_zeros_like(b)
-        r = dict(b)
-    else:
-        x = {k: x0[k].detach().to(b[k]) for k in b}
-        r = tree_sub(b, hvp(x))
-    return x, r, dict(r)
+def _describe(tensors: Mapping[str, object]) -> str:
+    """``{key: shape}`` of a dict as text, for error messages."""
+    items = (
+        f"{k!r}: {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+        for k, t in tensors.items()
+    )
+    return "{" + ", ".join(items) + "}"
+
+
+def _check_like_b(name: str, tensors: object, b: TensorDict) -> TensorDict:
+    """``tensors`` as a dict with exactly the keys and shapes of ``b``, else a clear error.
+
+    ``name`` says where the dict came from (``"x0"``, ``"hvp(v)"``) so the message points at
+    the argument to fix.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            f"{name} must be a dict of str -> Tensor shaped like b {_describe(b)}, "
+            f"got {type(tensors).__name__}"
+        )
+    if set(tensors) != set(b):
+        raise ValueError(
+            f"{name} must have the keys of b {sorted(b)}, got {sorted(tensors, key=str)} "
+            f"(missing {sorted(set(b) - set(tensors))}, "
+            f"extra {sorted(set(tensors) - set(b), key=str)})"
+        )
+    for key, t in tensors.items():
+        if not isinstance(t, Tensor) or t.shape != b[key].shape:
+            raise ValueError(
+                f"{name} must be shaped like b {_describe(b)}, got {_describe(tensors)}"
+            )
+    return dict(tensors)
+
+
+def _check_systems(b: TensorDict) -> None:
+    """With ``batched``, every tensor of ``b`` has a first dimension indexing the same systems."""
+    leading = {t.shape[0] if t.dim() else None for t in b.values()}
+    if len(leading) != 1 or None in leading:
+        raise ValueError(
+            "batched=True needs every tensor of b to share its first dimension (one entry per "
+            f"system), got {_describe(b)}"
+        )
+
+
+def _checked(hvp: HVP, b: TensorDict) -> HVP:
+    """``hvp`` whose every result is checked to have the keys and shapes of ``b``."""
+
+    def product(v: TensorDict) -> TensorDict:
+        return _check_like_b("hvp(v)", hvp(v), b)
+
+    return product
+
+
+def _non_finite(name: str, tensors: TensorDict, batched: bool) -> tuple[Tensor, str | None]:
+    """Which systems of ``tensors`` hold a NaN or an inf (0-d, or ``(B,)`` when ``batched``),
+    and a message naming the first bad key and which it holds (``None`` when all are finite)."""
+    first = next(iter(tensors.values()))
+    bad = torch.zeros(first.shape[0] if batched else (), dtype=torch.bool, device=first.device)
+    reason = None
+    for key, t in tensors.items():
+        flat = t.reshape(t.shape[0] if batched else 1, -1)
+        nan, inf = torch.isnan(flat).any(1), torch.isinf(flat).any(1)
+        bad = bad | (nan | inf).reshape(bad.shape)
+        if reason is None and bool((nan | inf).any()):
+            reason = f"non-finite input: {name}[{key!r}] holds {'NaN' if nan.any() else 'inf'}"
+    return bad, reason
+
+
+def _cg_state(
+    hvp: HVP, b: TensorDict, x0: TensorDict | None, batched: bool
+) -> tuple[TensorDict, TensorDict, TensorDict, Tensor, str | None]:
+    """Initial ``(x, r, p)`` with ``r = p = b − H x0`` (``x0 = 0`` when not given), the systems
+    that cannot start (a NaN/inf in ``b``, ``x0`` or ``H x0``) and the first reason.
+
+    Such a system keeps a finite ``x`` (``x0`` where finite, else zeros) and ``p = 0``, so it
+    never feeds a NaN into ``hvp``; its residual stays ``b − H x`` (non-finite when ``b`` is).
+    """
+    failed, reason = _non_finite("b", b, batched)
+    if reason is not None:
+        reason += ": the right-hand side must be finite (check the outer loss and its gradient)"
+    x = tree_zeros_like(b)
+    if x0 is not None:
+        x0_bad, x0_reason = _non_finite("x0", x0, batched)
+        x = tree_where(x0_bad, x, {k: x0[k].detach().to(b[k]) for k in b}, batched=batched)
+        if x0_reason is not None:
+            failed, reason = failed | x0_bad, reason or x0_reason + ": pass a finite x0, or None"
+    r = dict(b) if x0 is None else tree_sub(b, hvp(x))
+    r_bad, _ = _non_finite("b - H x0", r, batched)
+    if reason is None and bool((r_bad & ~failed).any()):
+        reason = "non-finite value in the Hessian-vector product H x0 (check the losses)"
+    failed = failed | r_bad
+    return x, r, tree_where(failed, tree_zeros_like(r), r, batched=batched), failed, reason
 
 
 def _cg_failures(curvature: Tensor, active: Tensor) -> tuple[Tensor, str | None]:
@@ -104,10 +187,15 @@ def conjugate_gradient(
         for n < iters:  h = H pⁿ;  η = rᵀr / pᵀh;  v += η p;  r' = r − η h;
                         ζ = r'ᵀr' / rᵀr;  p = r' + ζ p
 
+    A system whose ``b``, ``x0`` or ``H x0`` holds a NaN or an inf does not start: it is
+    reported in ``failed`` and ``breakdown`` (naming the argument, the key, NaN or inf); its
+    solution is a finite start (``x0`` where finite, else zeros) and its residual norm is
+    ``‖b − H x‖`` there (NaN or inf when ``b`` is: the true value, not a made-up one).
+
     Args:
-        hvp: maps a dict shaped like ``b`` to ``H`` times it.
+        hvp: maps a dict shaped like ``b`` to ``H`` times it (same keys, same shapes).
         b: right-hand side, a dict of floating tensors.
-        x0: warm start shaped like ``b`` (``None``: zeros).
+        x0: warm start with the keys and shapes of ``b`` (``None``: zeros).
         iters: maximum number of iterations, ``≥ 1``.
         tol: stop once every residual norm ``‖b − H v‖ ≤ tol`` (``0``: run all ``iters``
             unless the residual is exactly zero).
@@ -116,6 +204,11 @@ def conjugate_gradient(
 
     Returns:
         A :class:`CGResult`; its ``breakdown`` says why the solve stopped early, if it did.
+
+    Raises:
+        TypeError: ``b``, ``x0`` or a result of ``hvp`` is not a dict of tensors.
+        ValueError: ``x0`` or a result of ``hvp`` does not have the keys and shapes of ``b``
+            (the message gives both), or ``batched`` tensors disagree on the number of systems.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
@@ -126,10 +219,13 @@ def conjugate_gradient(
     check_positive_int("iters", iters)
     check_finite_number("tol", tol)
     b = check_tensor_dict("b", b)
-    x, r, p = _cg_state(hvp, b, x0)
+    if batched:
+        _check_systems(b)
+    x0 = None if x0 is None else _check_like_b("x0", x0, b)
+    hvp = _checked(hvp, b)
+    x, r, p, failed, breakdown = _cg_state(hvp, b, x0, batched)
     rr = tree_dot(r, r, batched=batched)
-    norms, failed = [rr.sqrt()], torch.zeros_like(rr, dtype=torch.bool)
-    breakdown, n_done = None, 0
+    norms, n_done = [rr.sqrt()], 0
     for _ in range(iters):
         active = ~failed & (rr.sqrt() > tol)
         if not bool(active.any()):

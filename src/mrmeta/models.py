@@ -105,10 +105,23 @@ class Conv4Backbone(nn.Module):
         if side < 1:
             raise ValueError(f"image_size must be >= 16 for four 2x2 poolings, got {image_size}")
         self.feature_dim = hidden * side * side
+        self.image_shape = (in_channels, image_size, image_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """``([T,] n, C, H, W)`` → features ``([T,] n, feature_dim)``."""
+        check_image_shape(x, self.image_shape)
         return self.blocks(x).flatten(-3)
+
+
+def check_image_shape(x: Tensor, expected: tuple[int, int, int]) -> None:
+    """A ValueError naming the expected ``(C, H, W)`` when ``x`` is not ``([T,] n, C, H, W)``
+    of that shape (the head's input size is fixed by it)."""
+    if x.dim() not in (4, 5) or tuple(x.shape[-3:]) != expected:
+        raise ValueError(
+            f"images must be ([tasks,] n, {', '.join(map(str, expected))}) for this model "
+            f"(C, H, W = {expected}); got shape {tuple(x.shape)}: resize the images or build "
+            "the model with matching in_channels / image_size"
+        )
 
 
 class Conv4(nn.Module):

@@ -1,23 +1,25 @@
 """Meta-learning methods, one file each, all implementing :class:`MetaLearner`.
 
-:data:`ALGORITHMS` names them (the CLI's ``--algo``); each class's constructor is the one home of
-its defaults, read by :func:`algorithm_defaults` wherever a default is shown or filled in.
+:data:`ALGORITHMS` names them (the CLI's ``--algo``). Each class's options dataclass
+(``options_type``, e.g. :class:`MemoryReducedOptions`) is the one home of its keyword options and
+their defaults, read by its constructor and by :func:`algorithm_defaults` wherever a default is
+shown or filled in.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from mrmeta.algorithms._head_learner import HeadLearner
-from mrmeta.algorithms.anil import ANIL
-from mrmeta.algorithms.base import MetaLearner, StepStats
-from mrmeta.algorithms.imaml import IMAML
-from mrmeta.algorithms.itd_bio import ITDBiO
-from mrmeta.algorithms.maml import FOMAML, MAML
-from mrmeta.algorithms.memory_reduced import MemoryReduced
+from mrmeta.algorithms._options import LearnerOptions, option_defaults
+from mrmeta.algorithms.anil import ANIL, ANILOptions
+from mrmeta.algorithms.base import ChunkedLearner, MetaLearner, StepStats
+from mrmeta.algorithms.imaml import IMAML, IMAMLOptions
+from mrmeta.algorithms.itd_bio import ITDBiO, ITDBiOOptions
+from mrmeta.algorithms.maml import FOMAML, MAML, FOMAMLOptions, MAMLOptions
+from mrmeta.algorithms.memory_reduced import MemoryReduced, MemoryReducedOptions
 
-ALGORITHMS: dict[str, type[MetaLearner]] = {
+ALGORITHMS: dict[str, type[ChunkedLearner]] = {
     "mrml": MemoryReduced,
     "maml": MAML,
     "fomaml": FOMAML,
@@ -27,7 +29,7 @@ ALGORITHMS: dict[str, type[MetaLearner]] = {
 }
 
 
-def algorithm_class(name: str) -> type[MetaLearner]:
+def algorithm_class(name: str) -> type[ChunkedLearner]:
     """The class registered as ``name``, else a ValueError listing the names."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -35,9 +37,8 @@ def algorithm_class(name: str) -> type[MetaLearner]:
 
 
 def algorithm_defaults(name: str) -> dict[str, Any]:
-    """The keyword options of algorithm ``name`` and their defaults, from its constructor."""
-    parameters = inspect.signature(algorithm_class(name).__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
+    """The keyword options of algorithm ``name`` and their defaults, from its options type."""
+    return option_defaults(algorithm_class(name).options_type)
 
 
 def splits_head(name: str) -> bool:
@@ -48,11 +49,18 @@ def splits_head(name: str) -> bool:
 __all__ = [
     "ALGORITHMS",
     "ANIL",
+    "ANILOptions",
     "FOMAML",
+    "FOMAMLOptions",
     "IMAML",
+    "IMAMLOptions",
     "ITDBiO",
+    "ITDBiOOptions",
+    "LearnerOptions",
     "MAML",
+    "MAMLOptions",
     "MemoryReduced",
+    "MemoryReducedOptions",
     "MetaLearner",
     "StepStats",
     "algorithm_class",

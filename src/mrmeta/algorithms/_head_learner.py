@@ -6,14 +6,16 @@ solvers live in :mod:`mrmeta.lower_level`. This module only ties them to a backb
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mrmeta._per_task import batched_head_forward, check_loss_name, task_features, task_losses
+from mrmeta._per_task import batched_head_forward, task_features, task_losses
 from mrmeta._tree import TensorDict, tree_detach, tree_norm
-from mrmeta._validation import check_finite_number, check_positive_int
+from mrmeta._validation import check_finite_number
+from mrmeta.algorithms._options import LearnerOptions
 from mrmeta.algorithms.base import ChunkedLearner, ChunkStats, backward_query_loss
 from mrmeta.inner import unrolled_gradient_descent
 from mrmeta.lower_level import (
@@ -27,6 +29,30 @@ from mrmeta.lower_level import (
     solve_lower_level,
 )
 from mrmeta.tasks import TaskBatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadOptions(LearnerOptions):
+    """The lower level of the head-only methods (see :class:`HeadLearner`).
+
+    Not every method offers every field: the fixed ones (``init=False``) are re-declared, with
+    their default, by the methods that offer them.
+    """
+
+    inner_lr: float | Literal["auto"]
+    l2: float = field(default=0.0, init=False)
+    learn_head_init: bool = field(default=False, init=False)
+    inner_solver: Solver = field(default="gd", init=False)
+    inner_tol: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner_lr != "auto":
+            self._store("inner_lr", check_finite_number("inner_lr", self.inner_lr, positive=True))
+        self._store("l2", check_finite_number("l2", self.l2))
+        self._store("inner_solver", check_solver(self.inner_solver, self.l2))
+        self._store("inner_tol", check_finite_number("inner_tol", self.inner_tol))
+        self._store("learn_head_init", bool(self.learn_head_init))
 
 
 class HeadLearner(ChunkedLearner):
@@ -44,41 +70,26 @@ class HeadLearner(ChunkedLearner):
     Args:
         backbone: maps ``(n, *input)`` to ``(n, d)``.
         head: the per-task module ``φ``; its parameters are ``φ⁰``.
-        inner_steps: ``K ≥ 0``: the number of gradient steps, or Newton's cap.
-        inner_lr: ``λ > 0``, or ``"auto"`` (``nn.Linear`` heads): ``λ_t = 1/L_t`` from
-            :func:`~mrmeta.lower_level.linear_head_lipschitz` (gradient steps only).
-        loss: ``"cross_entropy"`` or ``"mse"``.
-        chunk_size: tasks processed together.
-        l2: ``μ ≥ 0``.
-        learn_head_init: meta-learn ``φ⁰`` (it then also centres the L2 term).
-        inner_solver: ``"newton"`` or ``"gd"``.
-        inner_tol: Newton stops once ``‖∇_φ g_t‖ ≤ inner_tol`` for every task.
+        **options: the fields of :attr:`options_type` (:class:`HeadOptions`):
+
+            * ``inner_steps``: ``K ≥ 0``: the number of gradient steps, or Newton's cap.
+            * ``inner_lr``: ``λ > 0``, or ``"auto"`` (``nn.Linear`` heads): ``λ_t = 1/L_t``
+              from :func:`~mrmeta.lower_level.linear_head_lipschitz` (gradient steps only).
+            * ``loss``, ``chunk_size``: see :class:`~mrmeta.algorithms._options.LearnerOptions`.
+            * ``l2``: ``μ ≥ 0``.
+            * ``learn_head_init``: meta-learn ``φ⁰`` (it then also centres the L2 term).
+            * ``inner_solver``: ``"newton"`` or ``"gd"``.
+            * ``inner_tol``: Newton stops once ``‖∇_φ g_t‖ ≤ inner_tol`` for every task.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        *,
-        inner_steps: int,
-        inner_lr: float | Literal["auto"],
-        loss: str,
-        chunk_size: int | None,
-        l2: float,
-        learn_head_init: bool,
-        inner_solver: Solver = "gd",
-        inner_tol: float = 0.0,
-    ) -> None:
-        super().__init__(chunk_size)
+    options_type: ClassVar[type[HeadOptions]] = HeadOptions
+    options: HeadOptions
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, **options: Any) -> None:
+        super().__init__(options)
         self.backbone, self.head = backbone, head
-        self.inner_steps = check_positive_int("inner_steps", inner_steps, minimum=0)
-        self.inner_lr = check_inner_lr(inner_lr, head)
-        self.loss = check_loss_name(loss)
-        self.l2 = check_finite_number("l2", l2)
-        self.inner_solver = check_solver(inner_solver, self.l2)
-        self.inner_tol = check_finite_number("inner_tol", inner_tol)
-        self.learn_head_init = bool(learn_head_init)
-        head.requires_grad_(self.learn_head_init)
+        check_inner_lr(self.options.inner_lr, head)
+        head.requires_grad_(self.options.learn_head_init)
 
     def feature_extractor(self) -> nn.Module:
         """The shared backbone ``θ``."""
@@ -91,33 +102,35 @@ class HeadLearner(ChunkedLearner):
     def l2_center(self, tasks: int) -> TensorDict:
         """The centre ``c`` of the L2 term per task: ``φ⁰`` when learned, else zeros."""
         start = self.head_start(tasks)
-        if self.learn_head_init:
+        if self.options.learn_head_init:
             return start
         return {k: torch.zeros_like(v) for k, v in start.items()}
 
     def problem(self, features: Tensor, labels: Tensor) -> HeadProblem:
         """The lower level of a chunk: support ``features (T, n, d)`` (detached) and labels."""
         center = self.l2_center(features.shape[0])
-        return head_problem(self.head, features, labels, center, l2=self.l2, loss=self.loss)
+        l2, loss = self.options.l2, self.options.loss
+        return head_problem(self.head, features, labels, center, l2=l2, loss=loss)
 
     def solve(self, problem: HeadProblem, start: TensorDict) -> tuple[TensorDict, SolveReport]:
         """``φ`` of every task of the chunk from ``start``, without a graph, and its report."""
         return solve_lower_level(
             problem,
             start,
-            solver=self.inner_solver,
-            max_iters=self.inner_steps,
-            tol=self.inner_tol,
-            lr=self.inner_lr,
+            solver=self.options.inner_solver,
+            max_iters=self.options.inner_steps,
+            tol=self.options.inner_tol,
+            lr=self.options.inner_lr,
         )
 
     def lower_objective(
         self, features: Tensor, labels: Tensor, phi: TensorDict, center: TensorDict
     ) -> Tensor:
         """``Σ_t g_t(φ_t)`` in the graph of ``features (T, n, d)`` and ``phi`` (unrolled use)."""
-        total = task_losses(batched_head_forward(self.head, phi, features), labels, self.loss)
-        if self.l2 > 0:
-            total = total + l2_penalty(phi, center, self.l2)
+        pred = batched_head_forward(self.head, phi, features)
+        total = task_losses(pred, labels, self.options.loss)
+        if self.options.l2 > 0:
+            total = total + l2_penalty(phi, center, self.options.l2)
         return total.sum()
 
     @torch.no_grad()
@@ -157,6 +170,21 @@ def solve_stats(report: SolveReport) -> ChunkStats:
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class UnrolledHeadOptions(HeadOptions):
+    """The head options of the unrolled methods (see :class:`HeadUnrolledLearner`).
+
+    Attributes:
+        first_order: treat the inner gradients as constants.
+    """
+
+    first_order: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store("first_order", bool(self.first_order))
+
+
 class HeadUnrolledLearner(HeadLearner):
     r"""Base of ANIL and ITD-BiO: head-only inner loop, differentiated through its ``K`` steps.
 
@@ -166,20 +194,18 @@ class HeadUnrolledLearner(HeadLearner):
     them into the backbone (memory linear in ``K`` on the head's tensors only).
 
     Args:
-        first_order: treat the inner gradients as constants.
-        **options: the lower level, see :class:`HeadLearner` (``inner_solver`` is ``"gd"``).
+        backbone, head: see :class:`HeadLearner`.
+        **options: the fields of :class:`UnrolledHeadOptions`: the lower level of
+            :class:`HeadLearner` (``inner_solver`` is ``"gd"``) and ``first_order``.
     """
 
-    def __init__(
-        self, backbone: nn.Module, head: nn.Module, *, first_order: bool, **options: object
-    ) -> None:
-        super().__init__(backbone, head, **options)  # type: ignore[arg-type]
-        self.first_order = bool(first_order)
+    options_type: ClassVar[type[UnrolledHeadOptions]] = UnrolledHeadOptions
+    options: UnrolledHeadOptions
 
     def _differentiable_start(self, tasks: int) -> TensorDict:
         """``φ⁰`` per task ``(T, *shape)``: in the graph of the head when learned, else a fresh
         leaf (the unrolled steps differentiate with respect to it)."""
-        if self.learn_head_init:
+        if self.options.learn_head_init:
             return {k: p.expand(tasks, *p.shape) for k, p in self.head.named_parameters()}
         return {k: v.clone().requires_grad_(True) for k, v in self.head_start(tasks).items()}
 
@@ -189,15 +215,15 @@ class HeadUnrolledLearner(HeadLearner):
         if (skip := non_finite_features(zs, zq)) is not None:
             return skip
         problem = self.problem(zs, chunk.support_y)
-        lr = problem.step_size() if self.inner_lr == "auto" else self.inner_lr
+        lr = problem.step_size() if self.options.inner_lr == "auto" else self.options.inner_lr
         phi = unrolled_gradient_descent(
             lambda p: self.lower_objective(zs, chunk.support_y, p, problem.center),
             self._differentiable_start(chunk.num_tasks),
-            steps=self.inner_steps,
+            steps=self.options.inner_steps,
             lr=lr,
-            first_order=self.first_order,
+            first_order=self.options.first_order,
         )
         pred = batched_head_forward(self.head, phi, zq)
-        stats = backward_query_loss(pred, chunk.query_y, self.loss, batch_size)
+        stats = backward_query_loss(pred, chunk.query_y, self.options.loss, batch_size)
         norm = tree_norm(problem.gradient(tree_detach(phi)), batched=True)
         return {**stats, "inner_grad_norm": norm.mean(), "inner_grad_norm_max": norm.max()}

@@ -8,14 +8,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mrmeta._per_task import check_loss_name, task_losses
+from mrmeta._per_task import task_losses
 from mrmeta._tree import TensorDict, tree_detach
-from mrmeta._validation import check_finite_number, check_positive_int
+from mrmeta._validation import check_finite_number
+from mrmeta.algorithms._options import LearnerOptions
 from mrmeta.algorithms.base import ChunkedLearner
 from mrmeta.inner import gradient_descent
 from mrmeta.tasks import TaskBatch
@@ -61,6 +64,20 @@ def requiring_grad(module: nn.Module) -> TensorDict:
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 
+@dataclass(frozen=True, kw_only=True)
+class WholeNetworkOptions(LearnerOptions):
+    """The options of the whole-network methods (see :class:`WholeNetworkLearner`).
+
+    Attributes:
+        inner_lr: step size ``α > 0``.
+    """
+
+    inner_lr: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store("inner_lr", check_finite_number("inner_lr", self.inner_lr, positive=True))
+
 
 class WholeNetworkLearner(ChunkedLearner):
     """Base of the methods that adapt every parameter of ``model`` that requires grad.
@@ -70,26 +87,17 @@ class WholeNetworkLearner(ChunkedLearner):
 
     Args:
         model: maps ``(n, *input)`` to ``(n, out)`` (e.g. :class:`mrmeta.Conv4`).
-        inner_steps: ``K ≥ 0``.
-        inner_lr: step size ``α > 0``.
-        loss: ``"cross_entropy"`` or ``"mse"``.
-        chunk_size: tasks processed together (one autograd call per inner step).
+        **options: the fields of :attr:`options_type` (:class:`WholeNetworkOptions`):
+            ``inner_steps`` (``K ≥ 0``), ``inner_lr``, ``loss`` and ``chunk_size`` (one
+            autograd call per inner step for the tasks of a chunk).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        inner_steps: int,
-        inner_lr: float,
-        loss: str,
-        chunk_size: int | None,
-    ) -> None:
-        super().__init__(chunk_size)
+    options_type: ClassVar[type[WholeNetworkOptions]] = WholeNetworkOptions
+    options: WholeNetworkOptions
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        super().__init__(options)
         self.model = model
-        self.inner_steps = check_positive_int("inner_steps", inner_steps, minimum=0)
-        self.inner_lr = check_finite_number("inner_lr", inner_lr, positive=True)
-        self.loss = check_loss_name(loss)
 
     def feature_extractor(self) -> nn.Module:
         """``model.backbone`` for a model split into a backbone and a head (e.g. Conv4)."""
@@ -98,9 +106,17 @@ class WholeNetworkLearner(ChunkedLearner):
             return super().feature_extractor()
         return backbone
 
+    def adapted_parameters(self) -> TensorDict:
+        """``θ``: the parameters of ``model`` that require grad (the ones adapted), by name."""
+        return requiring_grad(self.model)
+
+    def start_per_task(self, tasks: int) -> TensorDict:
+        """``θ`` repeated per task, ``(T, *shape)``, in its graph (gradients sum into ``θ``)."""
+        return per_task(self.adapted_parameters(), tasks)
+
     def model_losses(self, phi: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """``L_t(φ_t)`` per task, ``(T,)``, for ``x (T, n, *input)`` and ``y (T, n[, out])``."""
-        return task_losses(batched_forward(self.model, phi, x), y, self.loss)
+        return task_losses(batched_forward(self.model, phi, x), y, self.options.loss)
 
     def inner_objective(self, x: Tensor, y: Tensor, phi: TensorDict, theta: TensorDict) -> Tensor:
         """``Σ_t g_t(φ_t)`` with ``g_t = L_t`` on the support set ``(x, y)`` (``theta``, the
@@ -114,12 +130,12 @@ class WholeNetworkLearner(ChunkedLearner):
             support_x: ``(T, n, *input)``.
             support_y: ``(T, n)`` labels (or ``(T, n, out)`` targets).
         """
-        theta = per_task(tree_detach(requiring_grad(self.model)), support_x.shape[0])
+        theta = per_task(tree_detach(self.adapted_parameters()), support_x.shape[0])
         return gradient_descent(
             lambda phi: self.inner_objective(support_x, support_y, phi, theta),
             theta,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
+            steps=self.options.inner_steps,
+            lr=self.options.inner_lr,
         )
 
     def _chunk_predict(self, chunk: TaskBatch) -> Tensor:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
-from torch import nn
+from mrmeta.algorithms._head_learner import HeadUnrolledLearner, UnrolledHeadOptions
 
-from mrmeta.algorithms._head_learner import HeadUnrolledLearner
+
+@dataclass(frozen=True, kw_only=True)
+class ANILOptions(UnrolledHeadOptions):
+    """:class:`ANIL`'s options and their defaults (documented there)."""
+
+    inner_steps: int = 10
+    inner_lr: float | Literal["auto"] = 0.1
+    learn_head_init: bool = field(default=True, init=False)  # the head's start is meta-learned
 
 
 class ANIL(HeadUnrolledLearner):
@@ -23,6 +31,8 @@ class ANIL(HeadUnrolledLearner):
     paper's ANIL — so the unrolled graph holds only head-sized tensors per step and memory is
     nearly flat in ``K``.
 
+    The defaults of the keyword options are the fields of :class:`ANILOptions`.
+
     Args:
         backbone: the shared feature extractor ``θ``; maps ``(n, *input)`` to ``(n, d)``.
         head: the head; its parameters are the meta-learned initialisation ``φ⁰``.
@@ -32,37 +42,13 @@ class ANIL(HeadUnrolledLearner):
         chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
         first_order: treat the inner gradients as constants (first-order ANIL).
 
-    Example:
-        >>> import torch
-        >>> from mrmeta import Conv4, TaskBatch
+    Example (a meta-step and a prediction as for any :class:`~mrmeta.MetaLearner`):
+        >>> from mrmeta import Conv4
         >>> model = Conv4(ways=5, hidden=8, image_size=28)
         >>> learner = ANIL(model.backbone, model.head, inner_steps=5, inner_lr=0.1)
-        >>> batch = TaskBatch(torch.randn(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
-        ...                   torch.randn(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
-        >>> stats = learner.meta_step(batch, torch.optim.Adam(learner.meta_parameters(), 1e-3))
-        >>> learner.predict(batch).shape
-        torch.Size([2, 10, 5])
+        >>> learner.options.inner_steps, learner.options.learn_head_init
+        (5, True)
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        *,
-        inner_steps: int = 10,
-        inner_lr: float | Literal["auto"] = 0.1,
-        loss: str = "cross_entropy",
-        chunk_size: int | None = 1,
-        first_order: bool = False,
-    ) -> None:
-        super().__init__(
-            backbone,
-            head,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            loss=loss,
-            chunk_size=chunk_size,
-            first_order=first_order,
-            learn_head_init=True,
-            l2=0.0,
-        )
+    options_type: ClassVar[type[ANILOptions]] = ANILOptions
+    options: ANILOptions

@@ -6,12 +6,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mrmeta._per_task import task_accuracies, task_losses
-from mrmeta._validation import check_positive_int
+from mrmeta.algorithms._options import LearnerOptions, options_signature, parse_options
 from mrmeta.tasks import TaskBatch
 
 ChunkStats = dict[str, Tensor]
@@ -83,6 +84,16 @@ class MetaLearner(nn.Module, ABC):
     Subclasses implement :meth:`compute_meta_gradient` (accumulate ``.grad`` of the
     meta-parameters for the batch's mean query loss) and :meth:`predict` (adapt to each task's
     support set, return predictions for its queries). :meth:`meta_step` ties them to an optimizer.
+
+    Example (any learner; here MAML on two toy 5-way tasks of 28×28 images):
+        >>> import torch
+        >>> from mrmeta import MAML, Conv4, TaskBatch
+        >>> learner = MAML(Conv4(ways=5, hidden=8, image_size=28))
+        >>> batch = TaskBatch(torch.randn(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
+        ...                   torch.randn(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
+        >>> stats = learner.meta_step(batch, torch.optim.Adam(learner.meta_parameters(), 1e-3))
+        >>> learner.predict(batch).shape
+        torch.Size([2, 10, 5])
     """
 
     @abstractmethod
@@ -176,15 +187,25 @@ class ChunkedLearner(MetaLearner):
     after the last chunk (e.g. to keep per-slot warm starts), :meth:`_discard_batch` instead
     when a chunk raised.
 
+    Its keyword options are the fields of :attr:`options_type` (the one home of their
+    defaults, see :mod:`mrmeta.algorithms._options`); the checked values are :attr:`options`.
+
     Args:
-        chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
+        options: the keyword options given to the learner's constructor.
     """
 
-    def __init__(self, chunk_size: int | None) -> None:
+    options_type: ClassVar[type[LearnerOptions]] = LearnerOptions
+    options: LearnerOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class that names its options shows them in its signature (``help``)."""
+        super().__init_subclass__(**kwargs)
+        if "options_type" in vars(cls):
+            cls.__signature__ = options_signature(cls.__init__, cls.options_type)  # type: ignore[attr-defined]
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__()
-        self.chunk_size = (
-            None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
-        )
+        self.options = parse_options(self.options_type, options, type(self).__name__)
 
     @abstractmethod
     def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
@@ -205,7 +226,7 @@ class ChunkedLearner(MetaLearner):
         """The method's meta-gradient of the batch's mean query loss, added to ``.grad``."""
         sizes, per_chunk = [], []
         try:
-            for chunk in batch.chunks(self.chunk_size):
+            for chunk in batch.chunks(self.options.chunk_size):
                 per_chunk.append(self._chunk_meta_gradient(chunk, batch.num_tasks))
                 sizes.append(chunk.num_tasks)
         except BaseException:
@@ -217,8 +238,8 @@ class ChunkedLearner(MetaLearner):
     @torch.no_grad()
     def predict(self, batch: TaskBatch) -> Tensor:
         """Adapt on the support sets, predict the queries: ``(B, n_query, out)``."""
-        return torch.cat([self._chunk_predict(chunk) for chunk in batch.chunks(self.chunk_size)])
-
+        chunks = batch.chunks(self.options.chunk_size)
+        return torch.cat([self._chunk_predict(chunk) for chunk in chunks])
 
 
 def backward_query_loss(pred: Tensor, target: Tensor, loss: str, batch_size: int) -> ChunkStats:

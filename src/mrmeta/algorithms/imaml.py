@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mrmeta._per_task import task_losses
 from mrmeta._tree import TensorDict, tree_norm
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.algorithms._whole_network import (
     WholeNetworkLearner,
+    WholeNetworkOptions,
     batched_forward,
-    per_task,
-    requiring_grad,
 )
 from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
 from mrmeta.implicit import CGResult, conjugate_gradient, vjp_dict
 from mrmeta.lower_level import l2_penalty
 from mrmeta.tasks import TaskBatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class IMAMLOptions(WholeNetworkOptions):
+    """:class:`IMAML`'s options and their defaults (documented there)."""
+
+    inner_steps: int = 10
+    inner_lr: float = 0.1
+    reg: float = 2.0
+    cg_iters: int = 5
+    cg_tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store("reg", check_finite_number("reg", self.reg, positive=True))
+        self._store("cg_iters", check_positive_int("cg_iters", self.cg_iters))
+        self._store("cg_tol", check_finite_number("cg_tol", self.cg_tol))
 
 
 class IMAML(WholeNetworkLearner):
@@ -39,6 +58,8 @@ class IMAML(WholeNetworkLearner):
     positive semi-definite in general: CG stops at non-positive curvature and
     :attr:`StepStats.cg_residual` reports how well the system was solved.
 
+    The defaults of the keyword options are the fields of :class:`IMAMLOptions`.
+
     Args:
         model: the network ``θ`` (every parameter that requires grad is adapted); maps
             ``(n, *input)`` to ``(n, out)``.
@@ -50,45 +71,25 @@ class IMAML(WholeNetworkLearner):
         chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
         cg_tol: CG stops early once every residual norm is below this.
 
-    Example:
-        >>> import torch
-        >>> from mrmeta import Conv4, TaskBatch
+    Example (a meta-step and a prediction as for any :class:`~mrmeta.MetaLearner`):
+        >>> from mrmeta import Conv4
         >>> learner = IMAML(Conv4(ways=5, hidden=8, image_size=28), inner_steps=5, cg_iters=5)
-        >>> batch = TaskBatch(torch.randn(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
-        ...                   torch.randn(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
-        >>> stats = learner.meta_step(batch, torch.optim.Adam(learner.meta_parameters(), 1e-3))
-        >>> learner.predict(batch).shape
-        torch.Size([2, 10, 5])
+        >>> learner.options.reg
+        2.0
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        inner_steps: int = 10,
-        inner_lr: float = 0.1,
-        reg: float = 2.0,
-        cg_iters: int = 5,
-        loss: str = "cross_entropy",
-        chunk_size: int | None = 1,
-        cg_tol: float = 0.0,
-    ) -> None:
-        super().__init__(
-            model, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, chunk_size=chunk_size
-        )
-        self.reg = check_finite_number("reg", reg, positive=True)
-        self.cg_iters = check_positive_int("cg_iters", cg_iters)
-        self.cg_tol = check_finite_number("cg_tol", cg_tol)
+    options_type: ClassVar[type[IMAMLOptions]] = IMAMLOptions
+    options: IMAMLOptions
 
     def inner_objective(self, x: Tensor, y: Tensor, phi: TensorDict, theta: TensorDict) -> Tensor:
         """``Σ_t [L_t^s(φ_t) + λ/2 ‖φ_t − θ‖²]`` on the support set ``(x, y)``."""
         support = self.model_losses(phi, x, y)
-        return (support + l2_penalty(phi, theta, self.reg)).sum()
+        return (support + l2_penalty(phi, theta, self.options.reg)).sum()
 
     def _damped_hvp(self, grad_s: TensorDict, phi: TensorDict, v: TensorDict) -> TensorDict:
         """``(I + H/λ) v`` per task, with ``H v`` a vector-Jacobian product of ``∇L^s``."""
         hv = vjp_dict(grad_s, phi, v)
-        return {k: v[k] + hv[k] / self.reg for k in v}
+        return {k: v[k] + hv[k] / self.options.reg for k in v}
 
     def solve_implicit(self, chunk: TaskBatch, phi: TensorDict) -> tuple[CGResult, Tensor, Tensor]:
         """CG on ``(I + H_t/λ) v_t = ∇L_t^q(φ_t)`` for every task of the chunk.
@@ -105,7 +106,7 @@ class IMAML(WholeNetworkLearner):
         keys, values = list(leaves), list(leaves.values())
         with torch.enable_grad():
             pred = batched_forward(self.model, leaves, chunk.query_x)
-            query = task_losses(pred, chunk.query_y, self.loss).sum()
+            query = task_losses(pred, chunk.query_y, self.options.loss).sum()
             b = dict(zip(keys, torch.autograd.grad(query, values), strict=True))
             support = self.model_losses(leaves, chunk.support_x, chunk.support_y).sum()
             grads = torch.autograd.grad(support, values, create_graph=True)
@@ -113,20 +114,21 @@ class IMAML(WholeNetworkLearner):
             cg = conjugate_gradient(
                 lambda v: self._damped_hvp(grad_s, leaves, v),
                 b,
-                iters=self.cg_iters,
-                tol=self.cg_tol,
+                iters=self.options.cg_iters,
+                tol=self.options.cg_tol,
                 batched=True,
             )
-        theta = per_task(requiring_grad(self.model), chunk.num_tasks)
-        inner = {k: grad_s[k].detach() + self.reg * (phi[k] - theta[k].detach()) for k in keys}
+        theta = self.start_per_task(chunk.num_tasks)
+        reg = self.options.reg
+        inner = {k: grad_s[k].detach() + reg * (phi[k] - theta[k].detach()) for k in keys}
         return cg, pred.detach(), tree_norm(inner, batched=True)
 
     def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
         phi = self.adapt(chunk.support_x, chunk.support_y)
         cg, pred, inner_norm = self.solve_implicit(chunk, phi)
         shares = {k: v.sum(0) / batch_size for k, v in cg.solution.items()}
-        accumulate_grad(requiring_grad(self.model), shares)
-        stats = query_stats(pred, chunk.query_y, self.loss)
+        accumulate_grad(self.adapted_parameters(), shares)
+        stats = query_stats(pred, chunk.query_y, self.options.loss)
         stats["inner_grad_norm"] = inner_norm.mean()
         stats["cg_residual"] = cg.residual.mean()
         stats["cg_breakdowns"] = cg.failed.to(cg.residual.dtype).mean()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
-from torch import nn
+from mrmeta.algorithms._head_learner import HeadUnrolledLearner, UnrolledHeadOptions
 
-from mrmeta.algorithms._head_learner import HeadUnrolledLearner
+
+@dataclass(frozen=True, kw_only=True)
+class ITDBiOOptions(UnrolledHeadOptions):
+    """:class:`ITDBiO`'s options and their defaults (documented there)."""
+
+    inner_steps: int = 20
+    inner_lr: float | Literal["auto"] = "auto"
+    l2: float = 0.01
 
 
 class ITDBiO(HeadUnrolledLearner):
@@ -24,6 +32,8 @@ class ITDBiO(HeadUnrolledLearner):
     The head is not meta-learned (``head.requires_grad_(False)``, as in MemoryReduced's default);
     only the backbone receives a gradient. Memory grows linearly with ``K`` on the head's tensors.
 
+    The defaults of the keyword options are the fields of :class:`ITDBiOOptions`.
+
     Args:
         backbone: the shared feature extractor ``θ``; maps ``(n, *input)`` to ``(n, d)``.
         head: the per-task head; its current parameters are the fixed start ``φ⁰``.
@@ -36,38 +46,13 @@ class ITDBiO(HeadUnrolledLearner):
         chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
         first_order: treat the inner gradients as constants.
 
-    Example:
-        >>> import torch
-        >>> from mrmeta import Conv4, TaskBatch
+    Example (a meta-step and a prediction as for any :class:`~mrmeta.MetaLearner`):
+        >>> from mrmeta import Conv4
         >>> model = Conv4(ways=5, hidden=8, image_size=28, zero_head=True)
         >>> learner = ITDBiO(model.backbone, model.head, inner_steps=5)
-        >>> batch = TaskBatch(torch.randn(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
-        ...                   torch.randn(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
-        >>> stats = learner.meta_step(batch, torch.optim.Adam(learner.meta_parameters(), 1e-3))
-        >>> learner.predict(batch).shape
-        torch.Size([2, 10, 5])
+        >>> learner.options.inner_lr, learner.options.l2
+        ('auto', 0.01)
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        *,
-        inner_steps: int = 20,
-        inner_lr: float | Literal["auto"] = "auto",
-        l2: float = 0.01,
-        loss: str = "cross_entropy",
-        chunk_size: int | None = 1,
-        first_order: bool = False,
-    ) -> None:
-        super().__init__(
-            backbone,
-            head,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            loss=loss,
-            chunk_size=chunk_size,
-            first_order=first_order,
-            learn_head_init=False,
-            l2=l2,
-        )
+    options_type: ClassVar[type[ITDBiOOptions]] = ITDBiOOptions
+    options: ITDBiOOptions

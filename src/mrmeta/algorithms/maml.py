@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mrmeta.algorithms._whole_network import (
     WholeNetworkLearner,
+    WholeNetworkOptions,
     batched_forward,
-    per_task,
-    requiring_grad,
 )
 from mrmeta.algorithms.base import ChunkStats, backward_query_loss
 from mrmeta.inner import unrolled_gradient_descent
 from mrmeta.tasks import TaskBatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class MAMLOptions(WholeNetworkOptions):
+    """:class:`MAML`'s options and their defaults (documented there)."""
+
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    first_order: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store("first_order", bool(self.first_order))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FOMAMLOptions(MAMLOptions):
+    """:class:`FOMAML`'s options: :class:`MAMLOptions` less ``first_order``, which is fixed."""
+
+    first_order: bool = field(default=True, init=False)
 
 
 class MAML(WholeNetworkLearner):
@@ -31,6 +51,8 @@ class MAML(WholeNetworkLearner):
     Each task runs the model through ``torch.func.functional_call`` with its own parameters
     (BatchNorm statistics stay per task); the tasks of a chunk share one autograd call per step.
 
+    The defaults of the keyword options are the fields of :class:`MAMLOptions`.
+
     Args:
         model: the network ``θ`` (every parameter that requires grad is adapted); maps
             ``(n, *input)`` to ``(n, out)``.
@@ -40,47 +62,33 @@ class MAML(WholeNetworkLearner):
         chunk_size: tasks processed together (``1`` = one at a time, ``None`` = all).
         first_order: drop the second-order terms (first-order MAML).
 
-    Example:
-        >>> import torch
-        >>> from mrmeta import Conv4, TaskBatch
-        >>> learner = MAML(Conv4(ways=5, hidden=8, image_size=28), inner_steps=1, inner_lr=0.4)
-        >>> batch = TaskBatch(torch.randn(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1),
-        ...                   torch.randn(2, 10, 1, 28, 28), torch.arange(5).repeat(2, 2))
-        >>> stats = learner.meta_step(batch, torch.optim.Adam(learner.meta_parameters(), 1e-3))
-        >>> learner.predict(batch).shape
-        torch.Size([2, 10, 5])
+    Example (a meta-step and a prediction as for any :class:`~mrmeta.MetaLearner`):
+        >>> from mrmeta import Conv4
+        >>> learner = MAML(Conv4(ways=5, hidden=8, image_size=28), inner_steps=2)
+        >>> learner.options.inner_lr, learner.options.first_order
+        (0.4, False)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        loss: str = "cross_entropy",
-        chunk_size: int | None = 1,
-        first_order: bool = False,
-    ) -> None:
-        super().__init__(
-            model, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss, chunk_size=chunk_size
-        )
-        self.first_order = bool(first_order)
+    options_type: ClassVar[type[MAMLOptions]] = MAMLOptions
+    options: MAMLOptions
 
     def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
-        theta = per_task(requiring_grad(self.model), chunk.num_tasks)
+        theta = self.start_per_task(chunk.num_tasks)
         phi = unrolled_gradient_descent(
             lambda p: self.inner_objective(chunk.support_x, chunk.support_y, p, theta),
             theta,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
-            first_order=self.first_order,
+            steps=self.options.inner_steps,
+            lr=self.options.inner_lr,
+            first_order=self.options.first_order,
         )
         pred = batched_forward(self.model, phi, chunk.query_x)
-        return backward_query_loss(pred, chunk.query_y, self.loss, batch_size)
+        return backward_query_loss(pred, chunk.query_y, self.options.loss, batch_size)
 
 
 class FOMAML(MAML):
     """First-order MAML: :class:`MAML` with ``first_order=True`` (``fomaml`` by name).
+
+    The defaults of the keyword options are the fields of :class:`FOMAMLOptions`.
 
     Args:
         model: the network ``θ``.
@@ -90,20 +98,5 @@ class FOMAML(MAML):
         chunk_size: tasks processed together.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        loss: str = "cross_entropy",
-        chunk_size: int | None = 1,
-    ) -> None:
-        super().__init__(
-            model,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            loss=loss,
-            chunk_size=chunk_size,
-            first_order=True,
-        )
+    options_type: ClassVar[type[FOMAMLOptions]] = FOMAMLOptions
+    options: FOMAMLOptions

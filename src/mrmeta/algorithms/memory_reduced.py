@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +11,39 @@ from torch import Tensor, nn
 from mrmeta._per_task import batched_head_forward, task_features
 from mrmeta._tree import TensorDict
 from mrmeta._validation import check_finite_number, check_positive_int
-from mrmeta.algorithms._head_learner import HeadLearner, non_finite_features, solve_stats
+from mrmeta.algorithms._head_learner import (
+    HeadLearner,
+    HeadOptions,
+    non_finite_features,
+    solve_stats,
+)
 from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
 from mrmeta.implicit import CGResult
 from mrmeta.lower_level import Solver, head_hypergradient
 from mrmeta.tasks import TaskBatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryReducedOptions(HeadOptions):
+    """:class:`MemoryReduced`'s options and their defaults (documented there)."""
+
+    inner_solver: Solver = "newton"
+    inner_steps: int = 50
+    inner_tol: float = 1e-6
+    inner_lr: float | Literal["auto"] = "auto"
+    cg_iters: int = 20
+    cg_tol: float = 0.0
+    l2: float = 0.01
+    warm_start_head: bool = False
+    warm_start_cg: bool = False
+    learn_head_init: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store("cg_iters", check_positive_int("cg_iters", self.cg_iters, minimum=0))
+        self._store("cg_tol", check_finite_number("cg_tol", self.cg_tol))
+        self._store("warm_start_head", bool(self.warm_start_head))
+        self._store("warm_start_cg", bool(self.warm_start_cg))
 
 
 class MemoryReduced(HeadLearner):
@@ -54,6 +82,8 @@ class MemoryReduced(HeadLearner):
     to another task with permuted labels; on a fixed task set they cut the hypergradient error
     24–31× and remove the floor of a cold start (benchmarks/results/convergence.md).
 
+    The defaults of the keyword options are the fields of :class:`MemoryReducedOptions`.
+
     Args:
         backbone: the shared feature extractor ``θ``; maps ``(n, *input)`` to ``(n, d)``.
         head: the per-task module ``φ`` (its current parameters are the starting point ``φ⁰``).
@@ -91,39 +121,11 @@ class MemoryReduced(HeadLearner):
         True
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        *,
-        inner_solver: Solver = "newton",
-        inner_steps: int = 50,
-        inner_tol: float = 1e-6,
-        inner_lr: float | Literal["auto"] = "auto",
-        cg_iters: int = 20,
-        cg_tol: float = 0.0,
-        l2: float = 0.01,
-        loss: str = "cross_entropy",
-        warm_start_head: bool = False,
-        warm_start_cg: bool = False,
-        learn_head_init: bool = False,
-        chunk_size: int | None = 1,
-    ) -> None:
-        super().__init__(
-            backbone,
-            head,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            loss=loss,
-            chunk_size=chunk_size,
-            l2=l2,
-            learn_head_init=learn_head_init,
-            inner_solver=inner_solver,
-            inner_tol=inner_tol,
-        )
-        self.cg_iters = check_positive_int("cg_iters", cg_iters, minimum=0)
-        self.cg_tol = check_finite_number("cg_tol", cg_tol)
-        self.warm_start_head, self.warm_start_cg = bool(warm_start_head), bool(warm_start_cg)
+    options_type: ClassVar[type[MemoryReducedOptions]] = MemoryReducedOptions
+    options: MemoryReducedOptions
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, **options: Any) -> None:
+        super().__init__(backbone, head, **options)
         self.slots = SlotWarmStarts()
 
     recompute_features: bool | None = None
@@ -142,22 +144,23 @@ class MemoryReduced(HeadLearner):
             return skip
         tasks = chunk.num_tasks
         problem = self.problem(zs, chunk.support_y)
-        start = self.slots.heads_for(tasks) if self.warm_start_head else None
+        start = self.slots.heads_for(tasks) if self.options.warm_start_head else None
         phi, report = self.solve(problem, self.head_start(tasks) if start is None else start)
-        v0 = self.slots.v_for(tasks) if self.warm_start_cg else None
+        v0 = self.slots.v_for(tasks) if self.options.warm_start_cg else None
+        cg_iters, cg_tol = self.options.cg_iters, self.options.cg_tol
         result = head_hypergradient(
-            problem, phi, zq.detach(), chunk.query_y, cg_iters=self.cg_iters, v0=v0, tol=self.cg_tol
+            problem, phi, zq.detach(), chunk.query_y, cg_iters=cg_iters, v0=v0, tol=cg_tol
         )
         if recompute:  # the same features (same random numbers), now in the backbone's graph
             zs, zq = self._features(chunk, graph=True)
         torch.autograd.backward([zs, zq], [result.support / batch_size, result.query / batch_size])
-        if self.learn_head_init:
+        if self.options.learn_head_init:
             params = dict(self.head.named_parameters())
             accumulate_grad(params, {k: result.center[k].sum(0) / batch_size for k in params})
         self.slots.record(phi, result.v)
         pred = batched_head_forward(self.head, phi, zq.detach())
         return {
-            **query_stats(pred, chunk.query_y, self.loss),
+            **query_stats(pred, chunk.query_y, self.options.loss),
             **solve_stats(report),
             **_cg_stats(result.cg),
         }
@@ -200,7 +203,8 @@ class MemoryReduced(HeadLearner):
 
     def _end_batch(self) -> None:
         """Keep this batch's ``φ`` and ``v`` per slot for the next iteration's warm starts."""
-        self.slots.end_batch(keep_heads=self.warm_start_head, keep_v=self.warm_start_cg)
+        keep_heads, keep_v = self.options.warm_start_head, self.options.warm_start_cg
+        self.slots.end_batch(keep_heads=keep_heads, keep_v=keep_v)
 
     def _discard_batch(self) -> None:
         """A batch that failed part-way leaves no half-recorded warm starts behind."""

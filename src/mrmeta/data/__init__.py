@@ -9,7 +9,13 @@ sampling: the samplers depend on the datasets, never the reverse.
 from mrmeta.data._dataset import FewShotDataset
 from mrmeta.data._errors import DataError, DataNotFoundError
 from mrmeta.data._paths import ENV_VAR, default_data_root
-from mrmeta.data._registry import available_datasets, canonical_dataset_name, load_dataset
+from mrmeta.data._registry import (
+    available_datasets,
+    canonical_dataset_name,
+    image_datasets,
+    is_image_dataset,
+    load_dataset,
+)
 from mrmeta.data._safe_pickle import RestrictedUnpickler, load_pickle
 from mrmeta.data._sampler import TaskSampler
 from mrmeta.data.sinusoid import SinusoidSampler, SinusoidTasks
@@ -26,6 +32,8 @@ __all__ = [
     "available_datasets",
     "canonical_dataset_name",
     "default_data_root",
+    "image_datasets",
+    "is_image_dataset",
     "load_dataset",
     "load_pickle",
 ]

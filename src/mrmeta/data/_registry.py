@@ -10,19 +10,19 @@ from typing import Any
 from mrmeta.data._dataset import FewShotDataset
 from mrmeta.data._errors import DataError
 from mrmeta.data._paths import HOW_TO_POINT
-from mrmeta.data.cifar_fs import load_cifar_fs
-from mrmeta.data.fc100 import load_fc100
-from mrmeta.data.mini_imagenet import load_mini_imagenet
+from mrmeta.data.cifar_fs import CIFAR_FS
+from mrmeta.data.fc100 import FC100
+from mrmeta.data.mini_imagenet import MINI_IMAGENET
 from mrmeta.data.omniglot import load_omniglot
 from mrmeta.data.sinusoid import SinusoidTasks, load_sinusoid
-from mrmeta.data.tiered_imagenet import load_tiered_imagenet
+from mrmeta.data.tiered_imagenet import TIERED_IMAGENET
 
 _LOADERS: dict[str, Callable[..., FewShotDataset | SinusoidTasks]] = {
     "omniglot": load_omniglot,
-    "cifar-fs": load_cifar_fs,
-    "fc100": load_fc100,
-    "mini-imagenet": load_mini_imagenet,
-    "tiered-imagenet": load_tiered_imagenet,
+    "cifar-fs": CIFAR_FS.load,
+    "fc100": FC100.load,
+    "mini-imagenet": MINI_IMAGENET.load,
+    "tiered-imagenet": TIERED_IMAGENET.load,
     "sinusoid": load_sinusoid,
 }
 # Not image-classification benchmarks: loadable from Python, not trained by ``mrmeta train``
@@ -50,6 +50,16 @@ def canonical_dataset_name(name: str) -> str:
     comes back lower-cased and dashed, and is then not in :func:`available_datasets`."""
     key = str(name).strip().lower().replace("_", "-")
     return _ALIASES.get(key.replace("-", ""), key)
+
+
+def image_datasets() -> tuple[str, ...]:
+    """The classification benchmarks (``mrmeta train`` trains on these; not ``sinusoid``)."""
+    return available_datasets(images_only=True)
+
+
+def is_image_dataset(name: str) -> bool:
+    """Whether ``name`` (spelled as :func:`load_dataset` forgives) is in :func:`image_datasets`."""
+    return canonical_dataset_name(name) in image_datasets()
 
 
 def load_dataset(

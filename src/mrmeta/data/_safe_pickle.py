@@ -5,7 +5,11 @@ command. :class:`RestrictedUnpickler` resolves only the handful of globals that 
 plain containers need (``_reconstruct``, ``ndarray``, ``dtype``, numpy scalars, ``_frombuffer``
 for protocol 5, ``set``/``frozenset``, ``_codecs.encode`` for Python-2-era byte strings) and
 refuses everything else with a :class:`DataError` before it is called. Object dtypes are refused
-too, since an object array would smuggle arbitrary objects back in.
+too, since an object array would smuggle arbitrary objects back in: both when a dtype is made
+and after its state is set (a pickle's BUILD of a dtype calls ``dtype.__setstate__``, which
+accepts object flags on, e.g., a ``V8`` dtype; the array built with it would read its raw
+bytes as object pointers). Checking after BUILD needs the pure-Python unpickler, whose
+opcode table can be extended; its speed is the C one's for the large byte strings arrays are.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import codecs
 import importlib
 import pickle
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,22 @@ def _numpy_attr(submodule: str, name: str) -> Any:
         except (ImportError, AttributeError):
             continue
     raise DataError(f"this numpy has no {submodule}.{name}; cannot read numpy pickles")
+
+
+# numpy's dtype flags that mark items as Python objects: NPY_ITEM_REFCOUNT (= HASOBJECT),
+# NPY_LIST_PICKLE, NPY_ITEM_IS_POINTER. Plain dtypes (numbers, bytes, void, structured records
+# of those) have none of them.
+_OBJECT_FLAGS = 0x01 | 0x02 | 0x04
+
+
+def _refuse_object_dtype(dtype: np.dtype, source: str) -> None:
+    """Raise :class:`DataError` if ``dtype`` holds, or claims to hold, Python objects."""
+    if dtype.hasobject or dtype.flags & _OBJECT_FLAGS:
+        raise DataError(
+            f"{source}: refused a pickled numpy dtype with object flags ({dtype!r}, flags "
+            f"{dtype.flags:#x}): an object array could hold any object. The file is not the "
+            "standard distribution (or was tampered with): re-download it from its source"
+        )
 
 
 def _safe_dtype(*args: Any) -> np.dtype:
@@ -68,7 +89,7 @@ def _allowed() -> dict[tuple[str, str], Callable[..., Any]]:
     return table
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that admits only numpy arrays (non-object dtypes) and plain containers.
 
     Args:
@@ -96,6 +117,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         raise DataError(f"{self._source}: refused a pickle with persistent ids")
 
+    def load_build(self) -> None:
+        """BUILD (``inst.__setstate__(state)``), then refuse a dtype the state gave object flags."""
+        super().load_build()
+        if isinstance(self.stack[-1], np.dtype):
+            _refuse_object_dtype(self.stack[-1], self._source)
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+
 
 def load_pickle(path: Path, *, encoding: str = "latin1") -> Any:
     """Unpickle ``path`` with :class:`RestrictedUnpickler`.
@@ -113,7 +142,17 @@ def load_pickle(path: Path, *, encoding: str = "latin1") -> Any:
             return RestrictedUnpickler(handle, source=str(path), encoding=encoding).load()
         except DataError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError) as err:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            SystemError,
+            struct.error,
+        ) as err:
             raise DataError(
                 f"{path}: not a readable pickle ({type(err).__name__}: {err}); the file is "
                 "truncated or in another format; re-download it"

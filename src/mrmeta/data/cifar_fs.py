@@ -8,27 +8,11 @@ and ``labels``, 600 images per class), in the data root or its ``cifar-fs/`` (``
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mrmeta.data._cifar_pickles import load_cifar_pickle
-from mrmeta.data._dataset import FewShotDataset
+from mrmeta.data._cifar_pickles import cifar_pickle_reader
+from mrmeta.data._file_benchmark import FileBenchmark
 
 NAME = "cifar-fs"
 CLASSES = {"train": 64, "val": 16, "test": 20}
 SUBDIRS = ("cifar-fs", "CIFAR-FS", "cifar_fs", "CIFAR_FS")
 
-
-def load_cifar_fs(
-    split: str = "train", root: str | Path | None = None, *, check_classes: bool = True
-) -> FewShotDataset:
-    """Load one CIFAR-FS split.
-
-    Args:
-        split: ``"train"`` (64 classes), ``"val"`` (16) or ``"test"`` (20).
-        root: data root (default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``).
-        check_classes: require the standard class count of the split.
-
-    Returns:
-        Images ``(N, 3, 32, 32)`` uint8, one class per CIFAR-100 label in the file.
-    """
-    return load_cifar_pickle(NAME, "CIFAR_FS", SUBDIRS, CLASSES, split, root, check_classes)
+CIFAR_FS = FileBenchmark(NAME, CLASSES, SUBDIRS, cifar_pickle_reader("CIFAR_FS"))

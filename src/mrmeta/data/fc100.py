@@ -9,27 +9,11 @@ no superclass with training classes. Bring your own copy: the MetaOptNet distrib
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mrmeta.data._cifar_pickles import load_cifar_pickle
-from mrmeta.data._dataset import FewShotDataset
+from mrmeta.data._cifar_pickles import cifar_pickle_reader
+from mrmeta.data._file_benchmark import FileBenchmark
 
 NAME = "fc100"
 CLASSES = {"train": 60, "val": 20, "test": 20}
 SUBDIRS = ("fc100", "FC100")
 
-
-def load_fc100(
-    split: str = "train", root: str | Path | None = None, *, check_classes: bool = True
-) -> FewShotDataset:
-    """Load one FC100 split.
-
-    Args:
-        split: ``"train"`` (60 classes), ``"val"`` (20) or ``"test"`` (20).
-        root: data root (default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``).
-        check_classes: require the standard class count of the split.
-
-    Returns:
-        Images ``(N, 3, 32, 32)`` uint8, one class per CIFAR-100 label in the file.
-    """
-    return load_cifar_pickle(NAME, "FC100", SUBDIRS, CLASSES, split, root, check_classes)
+FC100 = FileBenchmark(NAME, CLASSES, SUBDIRS, cifar_pickle_reader("FC100"))

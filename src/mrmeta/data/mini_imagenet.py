@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mrmeta.data._arrays import check_class_count, check_split, get_field, hwc_images
+from mrmeta.data._arrays import get_field, hwc_images
 from mrmeta.data._dataset import FewShotDataset
 from mrmeta.data._errors import DataError
-from mrmeta.data._paths import find_file, resolve_root
+from mrmeta.data._file_benchmark import FileBenchmark
 from mrmeta.data._safe_pickle import load_pickle
 
 NAME = "mini-imagenet"
@@ -27,28 +27,17 @@ SUBDIRS = ("mini-imagenet", "miniImageNet", "miniimagenet", "mini_imagenet")
 SIDE = 84
 
 
-def load_mini_imagenet(
-    split: str = "train", root: str | Path | None = None, *, check_classes: bool = True
-) -> FewShotDataset:
-    """Load one miniImageNet split.
-
-    Args:
-        split: ``"train"`` (64 classes), ``"val"`` (16) or ``"test"`` (20).
-        root: data root (default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``).
-        check_classes: require the standard class count of the split.
-
-    Returns:
-        Images ``(N, 3, 84, 84)`` uint8 (a view of the file's array), classes named by their
-        WordNet ids in sorted order.
-    """
-    check_split(NAME, split)
-    path = find_file(resolve_root(root), SUBDIRS, f"mini-imagenet-cache-{split}.pkl", NAME)
+def _read_split(benchmark: FileBenchmark, root: Path, split: str) -> tuple[FewShotDataset, Path]:
+    """``mini-imagenet-cache-<split>.pkl``: images ``(N, 3, 84, 84)`` uint8 (a view of the
+    file's array), classes named by their WordNet ids in sorted order."""
+    path = benchmark.find(root, f"mini-imagenet-cache-{split}.pkl")
     content = load_pickle(path)
     images = hwc_images(get_field(content, "image_data", path), path, SIDE)
     names, rows = _class_rows(get_field(content, "class_dict", path), images.shape[0], path)
-    dataset = FewShotDataset(images, rows, names, NAME, split)
-    check_class_count(dataset, CLASSES[split], check_classes, path)
-    return dataset
+    return FewShotDataset(images, rows, names, benchmark.name, split), path
+
+
+MINI_IMAGENET = FileBenchmark(NAME, CLASSES, SUBDIRS, _read_split)
 
 
 def _class_rows(class_dict: Any, n_images: int, path: Path) -> tuple[tuple[str, ...], Tensor]:

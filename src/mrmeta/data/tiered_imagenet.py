@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from mrmeta.data._arrays import check_class_count, check_split, get_field, hwc_images, int_labels
+from mrmeta.data._arrays import get_field, hwc_images, int_labels
 from mrmeta.data._dataset import FewShotDataset
 from mrmeta.data._errors import DataError
-from mrmeta.data._paths import find_file, resolve_root
+from mrmeta.data._file_benchmark import FileBenchmark
 from mrmeta.data._safe_pickle import load_pickle
 
 NAME = "tiered-imagenet"
@@ -30,32 +30,21 @@ SUBDIRS = ("tiered-imagenet", "tieredImageNet", "tiered_imagenet", "tieredimagen
 SIDE = 84
 
 
-def load_tiered_imagenet(
-    split: str = "train", root: str | Path | None = None, *, check_classes: bool = True
-) -> FewShotDataset:
-    """Load one tieredImageNet split.
-
-    Args:
-        split: ``"train"`` (351 classes), ``"val"`` (97) or ``"test"`` (160).
-        root: data root (default ``$MRMETA_DATA``, else ``~/.cache/mrmeta``).
-        check_classes: require the standard class count of the split.
-
-    Returns:
-        Images ``(N, 3, 84, 84)`` uint8 (a view of the file's array), one class per distinct
-        ``label_specific`` value.
-    """
-    check_split(NAME, split)
-    base = resolve_root(root)
-    image_path = find_file(base, SUBDIRS, f"{split}_images.npz", NAME)
-    label_path = find_file(base, SUBDIRS, f"{split}_labels.pkl", NAME)
+def _read_split(benchmark: FileBenchmark, root: Path, split: str) -> tuple[FewShotDataset, Path]:
+    """``<split>_images.npz`` and ``<split>_labels.pkl``: images ``(N, 3, 84, 84)`` uint8 (a
+    view of the file's array), one class per distinct ``label_specific`` value."""
+    image_path = benchmark.find(root, f"{split}_images.npz")
+    label_path = benchmark.find(root, f"{split}_labels.pkl")
     images = hwc_images(_read_npz_images(image_path), image_path, SIDE)
     content = load_pickle(label_path)
     raw_labels = get_field(content, "label_specific", label_path)
     labels = int_labels(raw_labels, images.shape[0], label_path)
     names = _class_names(content, labels)
-    dataset = FewShotDataset.from_labels(images, labels, names, name=NAME, split=split)
-    check_class_count(dataset, CLASSES[split], check_classes, label_path)
-    return dataset
+    dataset = FewShotDataset.from_labels(images, labels, names, name=benchmark.name, split=split)
+    return dataset, label_path
+
+
+TIERED_IMAGENET = FileBenchmark(NAME, CLASSES, SUBDIRS, _read_split)
 
 
 def _read_npz_images(path: Path) -> np.ndarray:
