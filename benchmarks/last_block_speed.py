@@ -27,6 +27,7 @@ import cProfile
 import io
 import json
 import pstats
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +73,14 @@ def profile(run: Callable[[], None], top: int) -> str:
     profiler.runcall(run)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
-    return text.getvalue()
+    return strip_paths(text.getvalue())
+
+
+def strip_paths(text: str) -> str:
+    """File names relative to the repository or to ``site-packages`` (no machine's paths)."""
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    text = text.replace(root, "")
+    return re.sub(r"\S*/site-packages/", "site-packages/", text)
 
 
 def main() -> None:
