@@ -14,7 +14,11 @@ budget: one ResNet-12 step at 84×84 takes about 30 s on one CPU thread, so
 
 Command (the results committed in benchmarks/results/)::
 
-    python benchmarks/memory_scale.py --adapt head --ks-for mrml=5,100 ...
+    python benchmarks/memory_scale.py --adapt last-block --ks-for mrml=5,100 \
+        --ks-for anil=2,5 --ks-for itd-bio=2,5 --timed mrml --time-ks 5 --rounds 2
+    python benchmarks/memory_scale.py --adapt head --ks-for mrml=5,100 --ks-for anil=5,100 \
+        --ks-for itd-bio=5,100 --ks-for maml=1,2 --ks-for fomaml=1,2 --ks-for imaml=1 \
+        --imaml-cg-iters 1
 
 Writes ``memory_scale_<tag>.json`` and ``.md`` into ``--out``.
 """
@@ -155,7 +159,9 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {results['machine']}; torch {results['torch']}; {results['threads']} thread(s);"
         f" {results['setting']}. MB = 1e6 bytes; a value in *italics* is predicted from the "
-        f"method's linear fit, not run.",
+        f'method\'s linear fit, not run; "—" in the last column: no growth in K was measured. '
+        f"Each point is one meta-iteration on a fresh learner (memory warm-up "
+        f"{results.get('memory_warmup', 0)}).",
         "",
         "| method | peak MB at K | × plain step (max measured) | MB per inner step | "
         f"K exceeding {limit:g} GB |",
@@ -264,6 +270,7 @@ def main() -> None:
             f"(iMAML N={args.imaml_cg_iters or args.cg_iters})"
         ),
         "limit_gb": args.limit_gb,
+        "memory_warmup": args.memory_warmup,
         "rows": rows,
         "summary": summary(rows, args.limit_gb),
         "timing": timing_rows(args, setting),
