@@ -177,7 +177,7 @@ class MemoryReduced(HeadLearner):
         more forward pass of the backbone without a graph. Measured (benchmarks/results/
         memory_scale_*.md): ResNet-12 at 84×84, 1.27× → 1.01× the plain step's memory; Conv4's
         last block (a third of its parameters) stays at 1.03× in one pass, where the extra
-        forward would cost 0.5× a plain step of time.
+        forward would cost 0.35–0.6× a plain step of time (benchmarks/results/last_block_speed.md).
         """
         if self.recompute_features is None:
             head_size = sum(p.numel() for p in self.head.parameters())
