@@ -8,10 +8,11 @@ on pixel values), measured with the same meter in one process:
 * time: every method at a K (and the plain step) timed together in ``--rounds`` interleaved
   rounds after the warm-up; a ratio between two methods is the median of their per-round ratios.
 
-The "plain step" row is one forward and backward pass of Conv4 on the same images in the same
+The "plain step" row is one forward and backward pass of the model on the same images in the same
 chunks — a supervised step, the floor for any method. ``--adapt last-block`` adapts the last
-conv block and the head instead of the head alone (MAML and iMAML adapt the whole network
-either way).
+block and the head instead of the head alone (:func:`mrmeta.models.split_model`; MAML and iMAML
+adapt the whole network either way); ``--backbone resnet12`` swaps Conv4 for the standard
+ResNet-12 (64-160-320-640). ``benchmarks/memory_scale.py`` runs ResNet-12 up to K = 100.
 
 Command (the results committed in benchmarks/results/)::
 
@@ -35,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrmeta import Conv4, MetaLearner, TaskBatch, measure_peak_memory
+from mrmeta import Conv4, MetaLearner, ResNet12, TaskBatch, measure_peak_memory
 from mrmeta._per_task import task_features
 from mrmeta.algorithms.anil import ANIL
 from mrmeta.algorithms.imaml import IMAML
 from mrmeta.algorithms.itd_bio import ITDBiO
 from mrmeta.algorithms.maml import MAML
 from mrmeta.algorithms.memory_reduced import MemoryReduced
+from mrmeta.models import split_model
 
 SHAPES = {  # name: (channels, image side, Conv4 filters)
     "cifar-fs": (3, 32, 64),
@@ -72,6 +74,8 @@ class Setting:
     adapt: str
     cg_iters: int
     device: torch.device
+    backbone: str = "conv4"
+    imaml_cg_iters: int | None = None  # None: cg_iters
 
 
 def random_tasks(setting: Setting, generator: torch.Generator) -> TaskBatch:
@@ -91,34 +95,21 @@ def random_tasks(setting: Setting, generator: torch.Generator) -> TaskBatch:
     return batch.to(setting.device)
 
 
-def split_model(setting: Setting) -> tuple[Conv4, nn.Module, nn.Module]:
-    """Conv4 and its (backbone, head) split: the linear head, or the last block + head."""
+def split(setting: Setting) -> tuple[Conv4 | ResNet12, nn.Module, nn.Module]:
+    """The model and its (backbone, head) split (:func:`mrmeta.models.split_model`): the linear
+    head, or the last block + head. ResNet-12 has the standard widths 64-160-320-640."""
     channels, side, hidden = SHAPES[setting.shape]
-    model = Conv4(setting.ways, channels, hidden, side, zero_head=True).to(setting.device)
-    if setting.adapt == "head":
-        return model, model.backbone, model.head
-    blocks = model.backbone.blocks
-    backbone = _TaskBatched(nn.Sequential(*blocks[:3]))
-    head = nn.Sequential(blocks[3], nn.Flatten(-3), model.head)
-    return model, backbone, head
-
-
-class _TaskBatched(nn.Module):
-    """A block stack that keeps the task dimension (per-task BatchNorm) and is not flattened."""
-
-    supports_task_batches = True
-
-    def __init__(self, blocks: nn.Module) -> None:
-        super().__init__()
-        self.blocks = blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+    if setting.backbone == "resnet12":
+        model: Conv4 | ResNet12 = ResNet12(setting.ways, channels, image_size=side, zero_head=True)
+    else:
+        model = Conv4(setting.ways, channels, hidden, side, zero_head=True)
+    model = model.to(setting.device)
+    return (model, *split_model(model, setting.adapt))
 
 
 def build(method: str, k: int, setting: Setting) -> MetaLearner | nn.Module:
     """The learner of ``method`` with ``k`` inner steps (the plain step: the bare model)."""
-    model, backbone, head = split_model(setting)
+    model, backbone, head = split(setting)
     head_lr: float | str = "auto" if setting.adapt == "head" else 0.01
     common = {"inner_steps": k, "chunk_size": setting.chunk_size}
     if method == "plain":
@@ -133,10 +124,11 @@ def build(method: str, k: int, setting: Setting) -> MetaLearner | nn.Module:
         return ITDBiO(backbone, head, inner_lr=head_lr, **common)
     if method in ("maml", "fomaml"):
         return MAML(model, first_order=method == "fomaml", **common)  # the class's inner lr
-    return IMAML(model, cg_iters=setting.cg_iters, **common)
+    cg_iters = setting.cg_iters if setting.imaml_cg_iters is None else setting.imaml_cg_iters
+    return IMAML(model, cg_iters=cg_iters, **common)
 
 
-def plain_step(model: Conv4, batch: TaskBatch, chunk_size: int | None) -> None:
+def plain_step(model: Conv4 | ResNet12, batch: TaskBatch, chunk_size: int | None) -> None:
     """One forward and one backward of Conv4 over every image of each chunk (support and query
     in one graph, as a meta-step needs them), chunk by chunk."""
     for chunk in batch.chunks(chunk_size):
@@ -289,8 +281,9 @@ def markdown(results: dict) -> str:
 
 
 def comparable_to_paper(block: dict) -> bool:
-    """Whether a grid's setting is the paper's: the head adapted, tasks one at a time."""
-    return "adapt head" in block["setting"] and "chunk 1," in block["setting"]
+    """Whether a grid's setting is the paper's: Conv4, the head adapted, tasks one at a time."""
+    setting = block["setting"]
+    return "adapt head" in setting and "chunk 1," in setting and "resnet12" not in setting
 
 
 def _shape_tables(shape: str, block: dict) -> list[str]:
@@ -379,7 +372,16 @@ def plot(results: dict, path: Path) -> None:
 
 def run_shape(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
     setting = Setting(
-        shape, 5, 5, 5, args.tasks, args.chunk_size, args.adapt, args.cg_iters, device
+        shape,
+        5,
+        5,
+        5,
+        args.tasks,
+        args.chunk_size,
+        args.adapt,
+        args.cg_iters,
+        device,
+        args.backbone,
     )
     rows = []
     for k in args.ks:
@@ -389,7 +391,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: torch.device) -> dic
             print(json.dumps({"shape": shape, **brief}), flush=True)
     desc = (
         f"5-way 5-shot 5-query, {args.tasks} tasks, chunk {args.chunk_size or 'all'}, "
-        f"adapt {args.adapt}, N={args.cg_iters}, {args.rounds} timing rounds"
+        f"{args.backbone}, adapt {args.adapt}, N={args.cg_iters}, {args.rounds} timing rounds"
     )
     return {"setting": desc, "ks": args.ks, "rows": rows, "targets": targets(rows, shape)}
 
@@ -402,6 +404,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-iteration")
     parser.add_argument("--chunk-size", type=lambda s: None if s == "all" else int(s), default=1)
     parser.add_argument("--adapt", choices=("head", "last-block"), default="head")
+    parser.add_argument("--backbone", choices=("conv4", "resnet12"), default="conv4")
     parser.add_argument("--cg-iters", type=int, default=20)
     parser.add_argument(
         "--rounds", type=int, default=20, help="timing rounds (each calls every method once)"
@@ -436,6 +439,8 @@ def main() -> None:
     args.shapes = args.shapes or ["cifar-fs"]
     device = torch.device(args.device)
     tag = args.tag or f"{args.device}_{args.adapt}_chunk{args.chunk_size or 'all'}"
+    if args.backbone != "conv4" and args.tag is None:
+        tag = f"{args.backbone}_{tag}"
     results = {
         "tag": tag,
         "command": "python benchmarks/memory_speed.py " + " ".join(_argv()),

@@ -13,7 +13,14 @@ from mrmeta.algorithms import (
 from mrmeta.implicit import CGResult, Hypergradient, conjugate_gradient, hypergradient
 from mrmeta.inner import gradient_descent, unrolled_gradient_descent
 from mrmeta.memory import format_bytes, measure_peak_memory
-from mrmeta.models import Conv4, Conv4Backbone, ResNet12, ResNet12Backbone, TaskBatchNorm2d
+from mrmeta.models import (
+    Conv4,
+    Conv4Backbone,
+    ResNet12,
+    ResNet12Backbone,
+    TaskBatchNorm2d,
+    split_model,
+)
 from mrmeta.tasks import TaskBatch
 
 __version__ = "0.1.0"
@@ -40,5 +47,6 @@ __all__ = [
     "gradient_descent",
     "hypergradient",
     "measure_peak_memory",
+    "split_model",
     "unrolled_gradient_descent",
 ]

@@ -11,7 +11,12 @@ from torch import nn
 from mrmeta.algorithms import algorithm_class, algorithm_defaults, splits_head
 from mrmeta.algorithms.base import MetaLearner
 from mrmeta.config import ALGORITHM_OPTIONS, ConfigError, TrainConfig
-from mrmeta.models import Conv4, ResNet12, resnet12_widths
+from mrmeta.models import Conv4, ResNet12, resnet12_widths, split_model
+
+LAST_BLOCK_DEFAULTS = {"inner_solver": "gd", "inner_lr": 0.1}
+"""The lower level of ``adapt = "last-block"`` where the config leaves it unset: gradient steps
+of a fixed size. ``"auto"`` needs a linear head's curvature bound, which a conv block does not
+have, and Newton-CG does not converge on its non-convex lower level (README, Backbones)."""
 
 
 def build_model(config: TrainConfig, image_shape: tuple[int, ...]) -> Conv4 | ResNet12:
@@ -40,6 +45,10 @@ def learner_options(config: TrainConfig) -> dict[str, Any]:
         value = getattr(config, name)
         if name in accepted and value is not None:
             options[name] = value
+    if config.adapt == "last-block":
+        for name, value in LAST_BLOCK_DEFAULTS.items():
+            if name in accepted:
+                options.setdefault(name, value)
     return options
 
 
@@ -56,7 +65,8 @@ def build_learner(config: TrainConfig, model: Conv4) -> MetaLearner:
     try:
         cls = algorithm_class(config.algo)
         if splits_head(config.algo):
-            return cls(model.backbone, model.head, **learner_options(config))
+            backbone, head = split_model(model, config.adapt)
+            return cls(backbone, head, **learner_options(config))
         return cls(model, **learner_options(config))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--algo {config.algo}: {_as_flags(str(err))}") from err

@@ -60,6 +60,7 @@ HELP = {
     "lr": "outer learning rate (meta_lr)",
     "chunk_size": "tasks processed together: a number, or 'all'",
     "backbone": "feature extractor: conv4 or resnet12 (4 residual blocks, per-task BatchNorm)",
+    "adapt": "what mrml/anil/itd-bio adapt per task: head, or last-block (last block + head)",
     "hidden": "Conv4 filters per layer; ResNet-12: first block's width h (blocks h-2.5h-5h-10h)",
     "seed": "random seed (model init, tasks)",
     "device": "cpu or cuda",

@@ -19,9 +19,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from mrmeta.algorithms import ALGORITHMS as ALGORITHM_CLASSES
-from mrmeta.algorithms import algorithm_defaults
+from mrmeta.algorithms import algorithm_defaults, splits_head
 from mrmeta.errors import ConfigError  # re-exported: ``mrmeta.config.ConfigError`` stays
 from mrmeta.evaluate import PROTOCOLS  # the evaluation layer owns its protocol names
+from mrmeta.models import ADAPTS
 
 ALGORITHMS = tuple(ALGORITHM_CLASSES)  # the registry's names
 # The TrainConfig fields that are options of (some) algorithms' constructors. Left at None, a
@@ -51,6 +52,8 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 INNER_SOLVERS = ("newton", "gd")
 BACKBONES = ("conv4", "resnet12")
+# The head-only methods (a backbone/head split): the ones that can adapt the last block too.
+LAST_BLOCK_ALGORITHMS = tuple(a for a in ALGORITHMS if splits_head(a))
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ class TrainConfig:
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
     (Omniglot only; ignored for the bring-your-own datasets) fetches the official archives
-    into the data root when no copy is found; ``download = false`` forbids it.
+    into the data root when no copy is found; ``download = false`` forbids it. ``adapt``
+    (mrml, anil, itd-bio) is what their lower level adapts per task: the linear head, or the
+    backbone's last block and the head (:func:`mrmeta.models.split_model`).
     """
 
     algo: str = "mrml"
@@ -93,6 +98,7 @@ class TrainConfig:
     lr: float | None = None
     chunk_size: int | None = 1
     backbone: str = "conv4"
+    adapt: str = "head"
     hidden: int = 64
     seed: int = 0
     device: str = "cpu"
@@ -109,7 +115,7 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        problems = _problems(self)
+        problems = _problems(self) or _adapt_problems(self)
         if problems:
             raise ConfigError(problems=problems)
 
@@ -176,6 +182,49 @@ def options_not_applying(algo: str, given: Iterable[str]) -> list[tuple[str, str
         for key in given
         if key in APPLIES_TO and algo not in APPLIES_TO[key]
     ]
+
+
+def _adapt_problems(config: TrainConfig) -> list[tuple[str, str]]:
+    """The ``(key, text)`` problems of ``adapt = "last-block"``: only the head-only methods adapt
+    the last block, with fixed-size gradient steps (no curvature bound, no convexity) and the
+    native test protocol."""
+    if config.adapt == "head":
+        return []
+    if config.algo not in LAST_BLOCK_ALGORITHMS:
+        return [
+            (
+                "adapt",
+                f"last-block applies to {', '.join(LAST_BLOCK_ALGORITHMS)} only; --algo "
+                f"{config.algo} adapts the whole network: drop --adapt or pick one of them",
+            )
+        ]
+    problems = []
+    if config.inner_lr == "auto":
+        problems.append(
+            (
+                "inner_lr",
+                "'auto' needs the linear head's curvature bound (--adapt head); with --adapt "
+                "last-block pass a number, or leave it unset for the last-block default",
+            )
+        )
+    if config.inner_solver == "newton":
+        problems.append(
+            (
+                "inner_solver",
+                "newton needs a convex lower level; the last block's is not (50 Newton-CG "
+                "iterations left |grad| near 10 on Omniglot): with --adapt last-block use "
+                "--inner-solver gd (its default)",
+            )
+        )
+    if config.eval_protocol == "frozen-backbone":
+        problems.append(
+            (
+                "eval_protocol",
+                "frozen-backbone fits a linear head on the backbone's features and needs "
+                "--adapt head; with --adapt last-block use --eval-protocol native",
+            )
+        )
+    return problems
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -246,6 +295,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "inner_solver": _choice(*INNER_SOLVERS),
     "budget_clock": _choice("wall", "cpu"),
     "backbone": _choice(*BACKBONES),
+    "adapt": _choice(*ADAPTS),
     "inner_tol": _number(positive=False),
     "val_every_seconds": _number(positive=True),
     **dict.fromkeys(("inner_steps", "cg_iters", "seed"), _at_least(0)),

@@ -339,3 +339,79 @@ class ResNet12(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``([T,] n, C, H, W)`` → logits ``([T,] n, ways)``."""
         return self.head(self.backbone(x))
+
+
+ADAPTS = ("head", "last-block")
+"""What the head-only methods adapt per task: the linear head, or the last block and the head."""
+
+
+class TaskBatchedBlocks(nn.Module):
+    """A stack of blocks as a backbone that keeps the task dimension and its feature maps.
+
+    ``([T,] n, C, H, W)`` → ``([T,] n, C', H', W')``, BatchNorm statistics per task
+    (``supports_task_batches``); nothing is pooled or flattened (the head does that).
+
+    Args:
+        blocks: the blocks, applied in order (shared with the model they come from).
+    """
+
+    supports_task_batches = True
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``([T,] n, C, H, W)`` → ``([T,] n, C', H', W')``."""
+        return self.blocks(x)
+
+
+class GlobalAveragePool(nn.Module):
+    """``(…, C, H, W)`` → ``(…, C)``: the mean over the spatial dimensions (ResNet-12's pool)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(…, C, H, W)`` → ``(…, C)``."""
+        return x.mean(dim=(-2, -1))
+
+
+def split_model(model: Conv4 | ResNet12, adapt: str = "head") -> tuple[nn.Module, nn.Module]:
+    """The ``(backbone, head)`` split of ``model`` for the head-only methods.
+
+    * ``"head"``: ``(model.backbone, model.head)``; features ``([T,] n, d)``.
+    * ``"last-block"``: the backbone is every block but the last
+      (:class:`TaskBatchedBlocks`, ``([T,] n, C, H, W)`` → ``([T,] n, C', H', W')``, BatchNorm per
+      task), the head is ``Sequential(last block, flatten (Conv4) or global average pool
+      (ResNet-12), model.head)``: ``(n, C', H', W')`` → ``(n, ways)``. The head's BatchNorm sees
+      one task at a time (the head-only methods apply it per task through ``torch.func.vmap``).
+
+    Both parts share their modules (and parameters) with ``model``, so training the split
+    trains ``model``.
+
+    Args:
+        model: a :class:`Conv4` or :class:`ResNet12`.
+        adapt: ``"head"`` or ``"last-block"``.
+
+    Returns:
+        ``(backbone, head)``.
+
+    Example:
+        >>> model = Conv4(ways=5, hidden=8, image_size=28)
+        >>> backbone, head = split_model(model, "last-block")
+        >>> features = backbone(torch.randn(2, 5, 1, 28, 28))
+        >>> features.shape, head(features[0]).shape
+        (torch.Size([2, 5, 8, 3, 3]), torch.Size([5, 5]))
+    """
+    if adapt not in ADAPTS:
+        raise ValueError(f"adapt must be one of {', '.join(ADAPTS)}; got {adapt!r}")
+    if not isinstance(model, Conv4 | ResNet12):
+        raise TypeError(f"split_model takes a Conv4 or a ResNet12; got {type(model).__name__}")
+    if adapt == "head":
+        return model.backbone, model.head
+    *first, last = model.backbone.blocks
+    if isinstance(model, ResNet12) and last.drop_rate > 0:
+        raise ValueError(
+            "adapt='last-block' needs a deterministic last block (the lower level is solved "
+            "on it); build the ResNet12 with drop_rate=0"
+        )
+    pool = nn.Flatten(-3) if isinstance(model, Conv4) else GlobalAveragePool()
+    return TaskBatchedBlocks(first), nn.Sequential(last, pool, model.head)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mrmeta._per_task import batched_head_forward, task_features
 from mrmeta._tree import TensorDict
@@ -128,14 +128,18 @@ class MemoryReduced(HeadLearner):
         super().__init__(backbone, head, **options)
         self.slots = SlotWarmStarts()
 
+    recompute_features: bool | None = None
+    """Compute the features twice to keep the lower level's memory apart from the backbone's
+    (see :meth:`recomputes_features`); ``None``: for large heads other than ``nn.Linear``."""
+
     def reset_state(self) -> None:
         """Drop the warm starts (e.g. after a non-finite step)."""
         self.slots.clear()
 
     def _chunk_meta_gradient(self, chunk: TaskBatch, batch_size: int) -> ChunkStats:
         """Features → lower-level solve → hypergradient → one backward pass of the backbone."""
-        zs = task_features(self.backbone, chunk.support_x)
-        zq = task_features(self.backbone, chunk.query_x)
+        recompute = self.recomputes_features()
+        zs, zq = self._features(chunk, graph=not recompute)
         if (skip := non_finite_features(zs, zq)) is not None:
             return skip
         tasks = chunk.num_tasks
@@ -147,6 +151,8 @@ class MemoryReduced(HeadLearner):
         result = head_hypergradient(
             problem, phi, zq.detach(), chunk.query_y, cg_iters=cg_iters, v0=v0, tol=cg_tol
         )
+        if recompute:  # the same features (same random numbers), now in the backbone's graph
+            zs, zq = self._features(chunk, graph=True)
         torch.autograd.backward([zs, zq], [result.support / batch_size, result.query / batch_size])
         if self.options.learn_head_init:
             params = dict(self.head.named_parameters())
@@ -158,6 +164,42 @@ class MemoryReduced(HeadLearner):
             **solve_stats(report),
             **_cg_stats(result.cg),
         }
+
+    def recomputes_features(self) -> bool:
+        """Whether a chunk's features are computed twice: first without a graph for the solve
+        and the hypergradient, then in the backbone's graph for its backward pass.
+
+        ``recompute_features``, or when it is ``None``: for a head that is not ``nn.Linear``
+        and has more parameters than the backbone. Such a head (ResNet-12's last block,
+        :func:`mrmeta.models.split_model`) makes the solve and CG hold its double-backward
+        graph and several copies of ``φ``; computed twice, they never coexist with the
+        backbone's graph, so the peak is the larger of the two instead of their sum, for one
+        more forward pass of the backbone without a graph. Measured (benchmarks/results/
+        memory_scale_*.md): ResNet-12 at 84×84, 1.27× → 1.01× the plain step's memory; Conv4's
+        last block (a third of its parameters) stays at 1.03× in one pass, where the extra
+        forward would cost 0.35–0.6× a plain step of time (benchmarks/results/last_block_speed.md).
+        """
+        if self.recompute_features is None:
+            head_size = sum(p.numel() for p in self.head.parameters())
+            backbone_size = sum(p.numel() for p in self.backbone.parameters())
+            return not isinstance(self.head, nn.Linear) and head_size > backbone_size
+        return bool(self.recompute_features)
+
+    def _features(self, chunk: TaskBatch, *, graph: bool) -> tuple[Tensor, Tensor]:
+        """Support and query features ``(T, n, d)``; without ``graph`` the random state is
+        restored afterwards, so that the pass in the graph draws the same numbers (DropBlock)."""
+        if graph:
+            return (
+                task_features(self.backbone, chunk.support_x),
+                task_features(self.backbone, chunk.query_x),
+            )
+        device = chunk.support_x.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            return (
+                task_features(self.backbone, chunk.support_x),
+                task_features(self.backbone, chunk.query_x),
+            )
 
     def _end_batch(self) -> None:
         """Keep this batch's ``φ`` and ``v`` per slot for the next iteration's warm starts."""
