@@ -548,6 +548,7 @@ _EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "inner_lr": "auto",
         "cg_iters": 20,
         "cg_tol": 0.0,
+        "exact_v": False,
         "l2": 0.01,
         "loss": "cross_entropy",
         "warm_start_head": False,

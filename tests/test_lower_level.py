@@ -139,6 +139,7 @@ def test_head_hypergradient_at_the_solution_matches_the_dense_ift_formula(
     phi, _ = newton_solve(problem, center, tol=1e-11, max_iters=50)
     size = ways * (dim + 1)
     result = head_hypergradient(problem, phi, zq, yq, cg_iters=4 * size, tol=1e-13)
+    exact = head_hypergradient(problem, phi, zq, yq, cg_iters=1, exact_v=True)
 
     x_star = _reference_minimiser(_lower(zs[0], ys[0], loss, ways), size)
 
@@ -158,6 +159,10 @@ def test_head_hypergradient_at_the_solution_matches_the_dense_ift_formula(
     for got, want in ((result.support[0], want_support), (result.query[0], want_query)):
         assert float((got - want).norm() / want.norm()) < GRAD_TOL
     assert float((_flat(result.v) - v).norm() / v.norm()) < GRAD_TOL
+    if kind == "linear":  # the exact solve of v (Woodbury) gives the same hypergradient
+        assert exact.cg is None and float(exact.residual.max()) < 1e-9
+        assert float((exact.support[0] - want_support).norm() / want_support.norm()) < GRAD_TOL
+        assert float((_flat(exact.v) - v).norm() / v.norm()) < GRAD_TOL
     torch.testing.assert_close(result.center["weight"], L2 * result.v["weight"])
 
 

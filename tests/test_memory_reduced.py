@@ -447,9 +447,9 @@ def test_warm_starts_come_from_the_same_slot_of_the_previous_batch(
         calls.append(("solve", {k: v.clone() for k, v in start.items()}))
         return phi, report
 
-    def recording_hypergradient(problem, phi, query, labels, *, cg_iters, v0, tol):  # noqa: ANN001, ANN202
+    def recording_hypergradient(problem, phi, query, labels, *, v0, **kw):  # noqa: ANN001, ANN003, ANN202
         calls.append(("v0", None if v0 is None else {k: v.clone() for k, v in v0.items()}))
-        return original(problem, phi, query, labels, cg_iters=cg_iters, v0=v0, tol=tol)
+        return original(problem, phi, query, labels, v0=v0, **kw)
 
     original = module.head_hypergradient
     monkeypatch.setattr(module, "head_hypergradient", recording_hypergradient)

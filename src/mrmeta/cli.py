@@ -56,6 +56,8 @@ HELP = {
     "warm_start_head": "warm-start the head per task slot across iterations (mrml)",
     "warm_start_cg": "warm-start CG per task slot across iterations (mrml)",
     "learn_head_init": "meta-learn the head's starting point too (mrml)",
+    "exact_v": "solve for v exactly (linear head: one Woodbury solve) instead of --cg-iters "
+    "CG steps (mrml)",
     "optimizer": f"outer optimizer: {', '.join(OPTIMIZERS)}",
     "lr": "outer learning rate (meta_lr)",
     "chunk_size": "tasks processed together: a number, or 'all'",

@@ -41,6 +41,7 @@ ALGORITHM_OPTIONS = (
     "warm_start_head",
     "warm_start_cg",
     "learn_head_init",
+    "exact_v",
 )
 APPLIES_TO: dict[str, tuple[str, ...]] = {
     key: algos
@@ -94,6 +95,7 @@ class TrainConfig:
     warm_start_head: bool = False
     warm_start_cg: bool = False
     learn_head_init: bool = False
+    exact_v: bool = False
     optimizer: str = "adam"
     lr: float | None = None
     chunk_size: int | None = 1

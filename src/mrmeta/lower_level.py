@@ -588,8 +588,10 @@ class HeadHypergradient:
         support: ``∂F_t/∂Z_s = −∂/∂Z_s ⟨∇_φ g_t, v_t⟩``, ``(T, n, d)``.
         query: ``∂F_t/∂Z_q = ∇_{Z_q} f_t``, ``(T, m, d)``.
         center: ``∂F_t/∂c = μ v_t`` (the head's start, when it is meta-learned), shaped like ``φ``.
-        v: CG's solution ``v_t ≈ [∇²_φ g_t]⁻¹ ∇_φ f_t`` (``None`` when ``cg_iters = 0``).
-        cg: the :class:`CGResult` (``None`` when ``cg_iters = 0``).
+        v: ``v_t ≈ [∇²_φ g_t]⁻¹ ∇_φ f_t`` (``None`` when ``cg_iters = 0``).
+        cg: the :class:`CGResult` (``None`` when ``cg_iters = 0`` or ``v`` was solved exactly).
+        residual: ``‖∇²_φ g_t v_t − ∇_φ f_t‖`` per task ``(T,)`` (``None`` when
+            ``cg_iters = 0``).
     """
 
     support: Tensor
@@ -597,6 +599,7 @@ class HeadHypergradient:
     center: TensorDict
     v: TensorDict | None
     cg: CGResult | None
+    residual: Tensor | None = None
 
 
 def head_hypergradient(
@@ -608,6 +611,7 @@ def head_hypergradient(
     cg_iters: int,
     v0: Mapping[str, Tensor] | None = None,
     tol: float = 0.0,
+    exact_v: bool = False,
 ) -> HeadHypergradient:
     r"""Algorithm 1's hypergradient of every task of a chunk, with respect to its features.
 
@@ -629,6 +633,9 @@ def head_hypergradient(
         cg_iters: ``N ≥ 0``.
         v0: CG's warm start, shaped like ``phi``.
         tol: CG stops once every residual is ``≤ tol``.
+        exact_v: solve for ``v`` with :meth:`Curvature.solve` instead of CG — for a linear head
+            the same exact Woodbury solve as a Newton direction, in float64 (``cg_iters`` then
+            only says whether there is an implicit term: ``0`` or not).
 
     Returns:
         A :class:`HeadHypergradient`.
@@ -639,11 +646,29 @@ def head_hypergradient(
         zeros = tree_zeros_like(dict(phi))
         return HeadHypergradient(torch.zeros_like(problem.features), grad_query, zeros, None, None)
     curvature = problem.curvature(phi)
-    cg = conjugate_gradient(curvature.hvp, grad_phi, v0, iters=cg_iters, tol=tol, batched=True)
-    v = {k: t.detach() for k, t in cg.solution.items()}
+    cg = None
+    if exact_v:
+        wide = _in_float64(problem).curvature(_cast(phi, torch.float64))
+        v = _cast(wide.solve(_cast(grad_phi, torch.float64)), problem.features.dtype)
+    else:
+        cg = conjugate_gradient(curvature.hvp, grad_phi, v0, iters=cg_iters, tol=tol, batched=True)
+        v = {k: t.detach() for k, t in cg.solution.items()}
+    residual = (
+        cg.residual
+        if cg is not None
+        else tree_norm(
+            {
+                k: h - b
+                for (k, h), b in zip(curvature.hvp(v).items(), grad_phi.values(), strict=True)
+            },
+            batched=True,
+        )
+    )
     mixed_support, mixed_center = curvature.mixed_vjp(v)
     center = {k: -t.detach() for k, t in mixed_center.items()}
-    return HeadHypergradient(-mixed_support.detach(), grad_query.detach(), center, v, cg)
+    return HeadHypergradient(
+        -mixed_support.detach(), grad_query.detach(), center, v, cg, residual.detach()
+    )
 
 
 # --------------------------------------------------------------------------- the solvers

@@ -18,8 +18,7 @@ from mrmeta.algorithms._head_learner import (
     solve_stats,
 )
 from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
-from mrmeta.implicit import CGResult
-from mrmeta.lower_level import Solver, head_hypergradient
+from mrmeta.lower_level import HeadHypergradient, Solver, head_hypergradient
 from mrmeta.tasks import TaskBatch
 
 
@@ -33,6 +32,7 @@ class MemoryReducedOptions(HeadOptions):
     inner_lr: float | Literal["auto"] = "auto"
     cg_iters: int = 20
     cg_tol: float = 0.0
+    exact_v: bool = False
     l2: float = 0.01
     warm_start_head: bool = False
     warm_start_cg: bool = False
@@ -100,6 +100,9 @@ class MemoryReduced(HeadLearner):
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression).
         warm_start_head: warm-start ``φ`` per task slot across iterations.
         warm_start_cg: warm-start CG's ``v`` per task slot across iterations.
+        exact_v: solve ``[∇²_φ g_i] v_i = ∇_φ f_i`` exactly (a linear head: one Woodbury solve,
+            as for a Newton direction) instead of ``N`` CG steps; ``cg_iters = 0`` still drops
+            the implicit term.
         learn_head_init: meta-learn ``φ⁰`` too; the lower level is then regularised towards it
             (iMAML-style), which is how it receives a gradient.
         chunk_size: tasks processed together (``1`` = one at a time as in the paper, ``None`` =
@@ -149,7 +152,14 @@ class MemoryReduced(HeadLearner):
         v0 = self.slots.v_for(tasks) if self.options.warm_start_cg else None
         cg_iters, cg_tol = self.options.cg_iters, self.options.cg_tol
         result = head_hypergradient(
-            problem, phi, zq.detach(), chunk.query_y, cg_iters=cg_iters, v0=v0, tol=cg_tol
+            problem,
+            phi,
+            zq.detach(),
+            chunk.query_y,
+            cg_iters=cg_iters,
+            v0=v0,
+            tol=cg_tol,
+            exact_v=self.options.exact_v,
         )
         if recompute:  # the same features (same random numbers), now in the backbone's graph
             zs, zq = self._features(chunk, graph=True)
@@ -162,7 +172,7 @@ class MemoryReduced(HeadLearner):
         return {
             **query_stats(pred, chunk.query_y, self.options.loss),
             **solve_stats(report),
-            **_cg_stats(result.cg),
+            **_implicit_stats(result),
         }
 
     def recomputes_features(self) -> bool:
@@ -225,13 +235,14 @@ class MemoryReduced(HeadLearner):
         self.slots = SlotWarmStarts(move(state.get("slot_heads")), move(state.get("slot_cg")))
 
 
-def _cg_stats(cg: CGResult | None) -> ChunkStats:
-    if cg is None:
+def _implicit_stats(result: HeadHypergradient) -> ChunkStats:
+    """``cg_residual`` (‖H v − ∇_φ f‖, mean) and, for CG, ``cg_breakdowns``."""
+    if result.residual is None:
         return {}
-    return {
-        "cg_residual": cg.residual.mean(),
-        "cg_breakdowns": cg.failed.to(cg.residual.dtype).mean(),
-    }
+    stats = {"cg_residual": result.residual.mean()}
+    if result.cg is not None:
+        stats["cg_breakdowns"] = result.cg.failed.to(result.cg.residual.dtype).mean()
+    return stats
 
 
 @dataclass
