@@ -330,12 +330,15 @@ def cost(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     train_split = load_dataset("omniglot", "train", root=args.data_root)
     learners = {}
-    for algo in ("mrml", "anil"):
-        config = TrainConfig(algo=algo, ways=args.ways, shots=args.shots, queries=args.queries)
+    variants = {"mrml": {"algo": "mrml"}, "anil": {"algo": "anil"}}
+    if args.cost_exact_v:
+        variants["mrml-exact-v"] = {"algo": "mrml", "exact_v": True}
+    for name, changes in variants.items():
+        config = TrainConfig(ways=args.ways, shots=args.shots, queries=args.queries, **changes)
         torch.manual_seed(0)
         model = build_model(config, tuple(train_split.images.shape[-3:]))
         learner = build_learner(config, model)
-        learners[algo] = (learner, build_optimizer(config, learner))
+        learners[name] = (learner, build_optimizer(config, learner))
     sampler = TaskSampler(train_split, args.ways, args.shots, args.queries, seed=0)
     batches = [sampler.sample(args.meta_batch) for _ in range(args.cost_iterations)]
     times: dict[str, list[float]] = {a: [] for a in learners}
@@ -358,6 +361,10 @@ def cost(args: argparse.Namespace) -> None:
         "ratio_quartiles": [q[0], q[2]],
         "command": " ".join(sys.argv),
     }
+    if args.cost_exact_v:
+        exact = [m / a for m, a in zip(times["mrml-exact-v"], times["anil"], strict=True)]
+        out["exact_v_ratio_median"] = statistics.median(exact)
+        print(f"mrml with exact v / ANIL s/it: median {statistics.median(exact):.3f}")
     path = RESULTS / f"fair_cost_{_setting(args)}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(
@@ -386,6 +393,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cost-rounds", type=int, default=7)
     parser.add_argument("--cost-iterations", type=int, default=5)
+    parser.add_argument("--cost-exact-v", action="store_true", help="cost: also mrml --exact-v")
     parser.add_argument("--runs", type=Path, default=Path("runs/fair"))
     args = parser.parse_args()
     if args.queries is None:  # 20-way: 5 queries per class, so an iteration costs about the same
