@@ -413,10 +413,11 @@ def test_options_left_at_their_defaults_are_never_refused(algo: str) -> None:
     for key, algos in APPLIES_TO.items():
         if algo in algos:  # and each option its algorithm has is accepted
             flag = "--" + key.replace("_", "-")
-            value = {"inner_solver": ["gd"]}.get(
-                key, [] if key.startswith(("warm", "learn")) else ["1"]
-            )
-            assert _config(["--algo", algo, flag, *value]).algo == algo
+            default = getattr(TrainConfig(), key)
+            value = ["gd"] if key == "inner_solver" else [] if isinstance(default, bool) else ["1"]
+
+
+assert _config(["--algo", algo, flag, *value]).algo == algo
 
 
 @pytest.mark.parametrize("dataset", ["sinusoid", "imagenet-1k"])
