@@ -415,9 +415,7 @@ def test_options_left_at_their_defaults_are_never_refused(algo: str) -> None:
             flag = "--" + key.replace("_", "-")
             default = getattr(TrainConfig(), key)
             value = ["gd"] if key == "inner_solver" else [] if isinstance(default, bool) else ["1"]
-
-
-assert _config(["--algo", algo, flag, *value]).algo == algo
+            assert _config(["--algo", algo, flag, *value]).algo == algo
 
 
 @pytest.mark.parametrize("dataset", ["sinusoid", "imagenet-1k"])
