@@ -12,8 +12,9 @@ from mrmeta.algorithms._head_learner import HeadUnrolledLearner, UnrolledHeadOpt
 class ANILOptions(UnrolledHeadOptions):
     """:class:`ANIL`'s options and their defaults (documented there)."""
 
+    meta_lr: float = 0.003  # tuned (benchmarks/results/fair_5way1shot.md)
     inner_steps: int = 10
-    inner_lr: float | Literal["auto"] = 0.1
+    inner_lr: float | Literal["auto"] = 0.1  # tuned (benchmarks/results/fair_5way1shot.md)
     learn_head_init: bool = field(default=True, init=False)  # the head's start is meta-learned
 
 

@@ -12,9 +12,10 @@ from mrmeta.algorithms._head_learner import HeadUnrolledLearner, UnrolledHeadOpt
 class ITDBiOOptions(UnrolledHeadOptions):
     """:class:`ITDBiO`'s options and their defaults (documented there)."""
 
+    meta_lr: float = 0.003  # tuned (benchmarks/results/fair_5way1shot.md)
     inner_steps: int = 20
     inner_lr: float | Literal["auto"] = "auto"
-    l2: float = 0.01
+    l2: float = 0.1  # tuned (benchmarks/results/fair_5way1shot.md)
 
 
 class ITDBiO(HeadUnrolledLearner):
@@ -51,7 +52,7 @@ class ITDBiO(HeadUnrolledLearner):
         >>> model = Conv4(ways=5, hidden=8, image_size=28, zero_head=True)
         >>> learner = ITDBiO(model.backbone, model.head, inner_steps=5)
         >>> learner.options.inner_lr, learner.options.l2
-        ('auto', 0.01)
+        ('auto', 0.1)
     """
 
     options_type: ClassVar[type[ITDBiOOptions]] = ITDBiOOptions

@@ -19,8 +19,9 @@ from mrmeta.tasks import TaskBatch
 class MAMLOptions(WholeNetworkOptions):
     """:class:`MAML`'s options and their defaults (documented there)."""
 
+    meta_lr: float = 0.001  # tuned (benchmarks/results/fair_5way1shot.md)
     inner_steps: int = 1
-    inner_lr: float = 0.4
+    inner_lr: float = 0.4  # tuned (benchmarks/results/fair_5way1shot.md)
     first_order: bool = False
 
     def __post_init__(self) -> None:
@@ -32,6 +33,9 @@ class MAMLOptions(WholeNetworkOptions):
 class FOMAMLOptions(MAMLOptions):
     """:class:`FOMAML`'s options: :class:`MAMLOptions` less ``first_order``, which is fixed."""
 
+    inner_lr: float = 0.1  # tuned (benchmarks/results/fair_5way1shot.md)
+    inner_steps: int = 5  # tuned (benchmarks/results/fair_5way1shot.md)
+    meta_lr: float = 0.003  # tuned (benchmarks/results/fair_5way1shot.md)
     first_order: bool = field(default=True, init=False)
 
 
