@@ -37,7 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrmeta._per_task import batched_head_forward, check_loss_name, task_losses
-from mrmeta._tree import TensorDict, tree_axpy, tree_dot, tree_norm, tree_where, tree_zeros_like
+from mrmeta._tree import (
+    TensorDict,
+    tree_axpy,
+    tree_dot,
+    tree_norm,
+    tree_sub,
+    tree_where,
+    tree_zeros_like,
+)
 from mrmeta._validation import check_finite_number, check_positive_int
 from mrmeta.implicit import CGResult, conjugate_gradient
 from mrmeta.inner import gradient_steps
@@ -74,6 +82,21 @@ def linear_head_lipschitz(features: Tensor, loss: str, out_dim: int, l2: float) 
     spectral_sq = torch.linalg.matrix_norm(_with_ones(features), ord=2).pow(2)
     c = 0.5 if loss == "cross_entropy" else 2.0 / out_dim
     return c * spectral_sq / features.shape[1] + l2
+
+
+def head_objective(
+    head: nn.Module,
+    phi: Mapping[str, Tensor],
+    features: Tensor,
+    labels: Tensor,
+    center: Mapping[str, Tensor],
+    l2: float,
+    loss: str,
+) -> Tensor:
+    """``g_t(φ_t) = L(head_φ(Z), y) + μ/2 ‖φ − c‖²`` per task, ``(T,)``, in the graph of
+    ``features (T, n, d)`` and ``phi`` (the autograd problem and the unrolled methods)."""
+    value = task_losses(batched_head_forward(head, dict(phi), features), labels, loss)
+    return value + l2_penalty(phi, center, l2) if l2 > 0 else value
 
 
 def _with_ones(features: Tensor) -> Tensor:
@@ -479,9 +502,7 @@ class AutogradHeadProblem(HeadProblem):
     def _objective_of(
         self, features: Tensor, phi: Mapping[str, Tensor], center: TensorDict
     ) -> Tensor:
-        pred = batched_head_forward(self.head, dict(phi), features)
-        value = task_losses(pred, self.labels, self.loss)
-        return value + l2_penalty(phi, center, self.l2) if self.l2 > 0 else value
+        return head_objective(self.head, phi, features, self.labels, center, self.l2, self.loss)
 
     def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
         return self._objective_of(self.features, phi, self.center)
@@ -656,13 +677,7 @@ def head_hypergradient(
     residual = (
         cg.residual
         if cg is not None
-        else tree_norm(
-            {
-                k: h - b
-                for (k, h), b in zip(curvature.hvp(v).items(), grad_phi.values(), strict=True)
-            },
-            batched=True,
-        )
+        else tree_norm(tree_sub(curvature.hvp(v), grad_phi), batched=True)
     )
     mixed_support, mixed_center = curvature.mixed_vjp(v)
     center = {k: -t.detach() for k, t in mixed_center.items()}

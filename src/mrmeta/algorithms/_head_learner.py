@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from mrmeta._per_task import batched_head_forward, task_features, task_losses
+from mrmeta._per_task import batched_head_forward, task_features
 from mrmeta._tree import TensorDict, tree_detach, tree_norm
 from mrmeta._validation import check_finite_number
 from mrmeta.algorithms._options import LearnerOptions
@@ -24,8 +24,8 @@ from mrmeta.lower_level import (
     SolveReport,
     check_inner_lr,
     check_solver,
+    head_objective,
     head_problem,
-    l2_penalty,
     solve_lower_level,
 )
 from mrmeta.tasks import TaskBatch
@@ -127,11 +127,8 @@ class HeadLearner(ChunkedLearner):
         self, features: Tensor, labels: Tensor, phi: TensorDict, center: TensorDict
     ) -> Tensor:
         """``Σ_t g_t(φ_t)`` in the graph of ``features (T, n, d)`` and ``phi`` (unrolled use)."""
-        pred = batched_head_forward(self.head, phi, features)
-        total = task_losses(pred, labels, self.options.loss)
-        if self.options.l2 > 0:
-            total = total + l2_penalty(phi, center, self.options.l2)
-        return total.sum()
+        opts = self.options
+        return head_objective(self.head, phi, features, labels, center, opts.l2, opts.loss).sum()
 
     @torch.no_grad()
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TensorDict:
