@@ -10,6 +10,8 @@ Every method goes through the same protocol (docs/design.md, "Fair comparisons")
   for ``--seeds`` seeds and ``--budget`` seconds, validated every ``--budget / --validations``
   seconds of training; the best-validation checkpoint is tested once on 600 test tasks under
   the native protocol and again under the frozen-backbone protocol.
+* ``long``: one run of ``--long-budget`` seconds (default an hour) for mrml and the two
+  baselines with the best mean validation accuracy in the final stage, tested once.
 * ``cost``: seconds per meta-iteration of mrml and ANIL at their defaults, interleaved in one
   process with one thread, as a median of paired per-round ratios.
 * ``report``: tables, the targets of the issue with their margins, and learning curves.
@@ -23,6 +25,7 @@ Commands (results in benchmarks/results/)::
 
     python benchmarks/fair_comparison.py tune --ways 5
     python benchmarks/fair_comparison.py final --ways 5
+    python benchmarks/fair_comparison.py long --ways 5
     python benchmarks/fair_comparison.py cost --ways 5
     python benchmarks/fair_comparison.py report --ways 5
 """
@@ -70,6 +73,7 @@ EXTRA_ROWS: list[tuple[str, str, dict[str, Any]]] = [
             "inner_solver": "gd",
             "inner_steps": 20,
             "cg_iters": 20,
+            "exact_v": False,
             "inner_lr": 0.1,
             "l2": 0.0,
         },
@@ -299,6 +303,63 @@ def final(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+BASELINES = ("anil", "itd-bio", "maml", "fomaml", "imaml")
+
+
+def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
+    """The ``count`` baselines with the highest mean best-validation accuracy over their final
+    runs: chosen on the validation split, never on test."""
+    scores: dict[str, list[float]] = {}
+    for run in final_runs:
+        if "failed" not in run and run["row"] in BASELINES:
+            scores.setdefault(run["row"], []).append(run["best_val"])
+    ranked = sorted(scores, key=lambda row: statistics.mean(scores[row]), reverse=True)
+    return ranked[:count]
+
+
+def long(args: argparse.Namespace) -> None:
+    """Stage 4: one long run (``--long-budget`` seconds, seed 0) of mrml and of the two
+    baselines with the best validation accuracy in the final stage, tested once."""
+    tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
+    final_runs = read_log(RESULTS / f"fair_final_{_setting(args)}.jsonl")
+    chosen = ["mrml", *best_baselines(final_runs, 2)]
+    jobs = []
+    for name in chosen:
+        config = tuning["selected"][name]
+        options = {
+            **_common(args),
+            "algo": name,
+            **config,
+            "seed": 0,
+            "time_budget": args.long_budget,
+            "val_every_seconds": args.long_budget / args.validations,
+            "test_tasks": args.test_tasks,
+        }
+        jobs.append(
+            {
+                "frozen_backbone_test": True,
+                "name": f"long {name} seed 0",
+                "row": name,
+                "seed": 0,
+                "config": config,
+                "options": options,
+                "run_dir": str(args.runs / f"long-{_setting(args)}-{name}"),
+            }
+        )
+    results = run_all(jobs, args, RESULTS / f"fair_long_{_setting(args)}.jsonl")
+    out = {
+        "setting": _setting(args),
+        "budget_cpu_seconds": args.long_budget,
+        "chosen_by": "mean best validation accuracy of the final stage",
+        "test_tasks": args.test_tasks,
+        "runs": results,
+        "command": " ".join(sys.argv),
+    }
+    path = RESULTS / f"fair_long_{_setting(args)}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def frozen_backbone_test(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """The paper's protocol on the same best-validation checkpoint (``mrmeta eval``)."""
     command = [
@@ -375,7 +436,7 @@ def cost(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("tune", "final", "cost", "report"))
+    parser.add_argument("stage", choices=("tune", "final", "long", "cost", "report"))
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=None)
@@ -386,6 +447,7 @@ def main() -> None:
     parser.add_argument("--tune-budget", type=float, default=90.0)
     parser.add_argument("--tune-validations", type=int, default=6)
     parser.add_argument("--budget", type=float, default=600.0)
+    parser.add_argument("--long-budget", type=float, default=3600.0)
     parser.add_argument("--validations", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--val-tasks", type=int, default=200)
@@ -404,7 +466,7 @@ def main() -> None:
 
         report(args)
         return
-    {"tune": tune, "final": final, "cost": cost}[args.stage](args)
+    {"tune": tune, "final": final, "long": long, "cost": cost}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -115,8 +115,14 @@ def build(method: str, k: int, setting: Setting) -> MetaLearner | nn.Module:
     if method == "plain":
         return model
     if method == "mrml":
-        return MemoryReduced(  # K plain steps (the paper's lower level): memory against K
-            backbone, head, inner_solver="gd", inner_lr=head_lr, cg_iters=setting.cg_iters, **common
+        return MemoryReduced(  # the paper's K plain steps and N CG steps: memory against K
+            backbone,
+            head,
+            inner_solver="gd",
+            inner_lr=head_lr,
+            cg_iters=setting.cg_iters,
+            exact_v=False,
+            **common,
         )
     if method == "anil":
         return ANIL(backbone, head, inner_lr=0.1, **common)

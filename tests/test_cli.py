@@ -16,7 +16,7 @@ import torch
 from mrmeta import __version__
 from mrmeta._factory import build_learner, build_model
 from mrmeta.cli import build_parser, config_from_args, main
-from mrmeta.config import APPLIES_TO, ConfigError, TrainConfig
+from mrmeta.config import APPLIES_TO, ConfigError, TrainConfig, is_switch
 from mrmeta.evaluate import format_accuracy as _accuracy_text
 
 DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
@@ -184,6 +184,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path: Path) -> None:
         "1",
         "--warm-start-head",
         "--warm-start-cg",
+        "--no-exact-v",
     ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     reference = tmp_path / "reference"
@@ -217,6 +218,7 @@ BAD_INPUTS = [
     (["--data-root", "/nonexistent/mrmeta-data", "--no-download"], "MRMETA_DATA"),
     (["--dataset", "sinusoid"], "--dataset must be one of omniglot, cifar-fs"),
     (["--meta-batch", "0"], "--meta-batch must be an integer >= 1"),
+    (["--warm-start-cg"], "--warm-start-cg needs exact_v=False (on the command line: --no-exact-v"),
 ]
 
 
@@ -413,8 +415,7 @@ def test_options_left_at_their_defaults_are_never_refused(algo: str) -> None:
     for key, algos in APPLIES_TO.items():
         if algo in algos:  # and each option its algorithm has is accepted
             flag = "--" + key.replace("_", "-")
-            default = getattr(TrainConfig(), key)
-            value = ["gd"] if key == "inner_solver" else [] if isinstance(default, bool) else ["1"]
+            value = ["gd"] if key == "inner_solver" else [] if is_switch(key) else ["1"]
             assert _config(["--algo", algo, flag, *value]).algo == algo
 
 

@@ -309,7 +309,7 @@ def test_two_ranks_equal_one_process_on_the_same_tasks(tmp_path: Path, algo: str
     # mrml with plain steps: Newton's stopping rule and line search are discontinuous in the
     # rounding-level differences of the all-reduce, which this test is not about.
     warm = (
-        {"warm_start_head": True, "warm_start_cg": True, "inner_solver": "gd"}
+        {"warm_start_head": True, "warm_start_cg": True, "exact_v": False, "inner_solver": "gd"}
         if algo == "mrml"
         else {}
     )
@@ -364,6 +364,7 @@ KILL_CONFIG = TINY.replace(
     checkpoint_every=1,
     warm_start_head=True,
     warm_start_cg=True,
+    exact_v=False,
     distributed=True,
     dist_timeout=60.0,
 )

@@ -201,12 +201,18 @@ def test_a_plain_newton_step_would_overshoot_there() -> None:
     assert float(problem.objective(full)) > float(problem.objective(start))
 
 
-def test_solve_lower_level_reports_per_task_and_casts_back() -> None:
-    zs, ys, _, _ = _task(5, 1, 16, "cross_entropy")
+@pytest.mark.parametrize(
+    ("ways", "dim"),
+    # n·C = 25 unknowns: factored in float64; 400: in float32 with a refinement step.
+    [pytest.param(5, 16, id="5w-float64-factor"), pytest.param(20, 24, id="20w-refined")],
+)
+def test_solve_lower_level_reports_per_task_and_casts_back(ways: int, dim: int) -> None:
+    zs, ys, _, _ = _task(ways, 1, dim, "cross_entropy")
     zs = torch.cat([zs, 0.1 * zs]).float()  # two tasks of different difficulty, float32
     ys = torch.cat([ys, ys])
-    center = {"weight": torch.zeros(2, 5, 16), "bias": torch.zeros(2, 5)}
-    problem = head_problem(nn.Linear(16, 5), zs, ys, center, l2=L2, loss="cross_entropy")
+    center = {"weight": torch.zeros(2, ways, dim), "bias": torch.zeros(2, ways)}
+    head = nn.Linear(dim, ways)
+    problem = head_problem(head, zs, ys, center, l2=L2, loss="cross_entropy")
     phi, report = solve_lower_level(
         problem, center, solver="newton", max_iters=50, tol=1e-9, lr="auto"
     )

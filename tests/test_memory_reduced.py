@@ -312,6 +312,7 @@ def _two_steps(cg_iters: int, warm_start_cg: bool) -> list[Tensor]:
         l2=0.1,
         cg_iters=cg_iters,
         warm_start_cg=warm_start_cg,
+        exact_v=False,
         chunk_size=None,
     )
     optimizer = torch.optim.SGD(learner.meta_parameters(), lr=ETA)
@@ -465,6 +466,7 @@ def test_warm_starts_come_from_the_same_slot_of_the_previous_batch(
         cg_iters=1,
         warm_start_head=True,
         warm_start_cg=True,
+        exact_v=False,
         chunk_size=chunk_size,
     )
     optimizer = torch.optim.SGD(learner.meta_parameters(), lr=ETA)

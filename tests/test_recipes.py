@@ -75,7 +75,10 @@ def test_recipe_parses_with_the_paper_settings(path: Path):
     text = path.read_text()
     if path.parent.name != "paper":
         # The defaults for now, with the algorithm's defaults written out.
-        names = ("inner_solver", "inner_steps", "inner_tol", "inner_lr", "cg_iters", "l2", "lr")
+        names = (
+            "inner_solver", "inner_steps", "inner_tol", "inner_lr", "cg_iters", "l2", "lr",
+            "exact_v",
+        )  # fmt: skip
         unset = dict.fromkeys(names)
         assert config.replace(**unset) == TrainConfig()
         assert all(resolved(config, n) == resolved(TrainConfig(), n) for n in unset)
@@ -93,6 +96,7 @@ def test_recipe_parses_with_the_paper_settings(path: Path):
     assert (config.inner_lr, config.lr) == ((0.05, 1e-3) if large else (0.1, 1e-4))
     assert (config.eval_protocol, config.test_tasks) == ("frozen-backbone", 640)
     assert config.inner_solver == "gd" and config.l2 == 0.0  # the paper's lower level
+    assert config.exact_v is False  # and its v: N CG steps
     assert "accuracy" in text and "Not measured here" in text
 
 

@@ -16,6 +16,7 @@ from mrmeta.config import (
     PROTOCOLS,
     ConfigError,
     TrainConfig,
+    is_switch,
     options_not_applying,
     read_toml,
 )
@@ -149,7 +150,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             "default": argparse.SUPPRESS,
             "help": f"{HELP[field.name]} (default: {_default_text(field.name, default)})",
         }
-        if isinstance(default, bool):
+        if is_switch(field.name):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = SPECIAL_TYPES.get(field.name, type(default))

@@ -62,8 +62,8 @@ class TrainConfig:
     """Everything a training run depends on; saved as ``config.json`` in the run folder.
 
     Defaults are the quick start: Omniglot 5-way 1-shot with ``mrml`` in about ten minutes on
-    two CPU cores. The algorithm's options left at ``None`` (``inner_solver``, ``inner_steps``,
-    ``inner_tol``, ``inner_lr``, ``cg_iters``, ``l2``, ``reg``) take its own defaults, which live
+    two CPU cores. The algorithm's options left at ``None`` (those in :data:`ALGORITHM_OPTIONS`:
+    ``inner_solver``, ``inner_steps``, ``l2``, ``exact_v``, …) take its own defaults, which live
     in its options dataclass (``mrmeta.algorithms.algorithm_defaults``). ``distributed`` shards each
     meta-batch across the processes torchrun launched (see :mod:`mrmeta.distributed`);
     ``dtype = "float64"`` runs the model and the tasks in double precision. ``download``
@@ -92,10 +92,10 @@ class TrainConfig:
     cg_iters: int | None = None
     l2: float | None = None
     reg: float | None = None
-    warm_start_head: bool = False
-    warm_start_cg: bool = False
-    learn_head_init: bool = False
-    exact_v: bool = False
+    warm_start_head: bool | None = None
+    warm_start_cg: bool | None = None
+    learn_head_init: bool | None = None
+    exact_v: bool | None = None
     optimizer: str = "adam"
     lr: float | None = None
     chunk_size: int | None = 1
@@ -311,6 +311,14 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
 def _field_types() -> dict[str, Any]:
     """The evaluated annotations of :class:`TrainConfig` (``int | None`` etc.)."""
     return get_type_hints(TrainConfig)
+
+
+def is_switch(name: str) -> bool:
+    """Whether :class:`TrainConfig` field ``name`` is a boolean (``bool`` or ``bool | None``):
+    a flag without a value (``--exact-v`` / ``--no-exact-v``)."""
+    hint = _field_types()[name]
+    kinds = get_args(hint) if isinstance(hint, UnionType) else (hint,)
+    return bool in kinds
 
 
 def _problems(config: TrainConfig) -> list[tuple[str, str]]:

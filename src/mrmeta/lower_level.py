@@ -52,6 +52,7 @@ from mrmeta.inner import gradient_steps
 
 SOLVERS = ("newton", "gd")
 CG_CAP = 100  # Newton-CG's iterations per direction for heads without closed forms
+SMALL_SYSTEM = 128  # unknowns up to which a Newton system is factored in full precision
 Solver = Literal["newton", "gd"]
 
 
@@ -235,6 +236,9 @@ class HeadProblem(ABC):
         loss: ``"cross_entropy"`` or ``"mse"``.
     """
 
+    exact_solve: bool = False
+    """Whether :meth:`Curvature.solve` is exact (a closed form) rather than iterative."""
+
     def __init__(
         self,
         features: Tensor,
@@ -290,6 +294,8 @@ class LinearHeadProblem(HeadProblem):
     ``∇²_φ g = Jᵀ S J + μ I`` with ``J`` the map from ``Θ = [W, b]`` to the logits: μI plus a term
     of rank ≤ n·C. :meth:`Curvature.solve` uses that (Woodbury, see :class:`_LinearCurvature`).
     """
+
+    exact_solve = True
 
     def __init__(
         self,
@@ -466,7 +472,11 @@ def _spd_solve(
     below ``b``'s precision (float32 for a float64 system: a float32 model's lower level), one
     step of iterative refinement with the residual from ``operator`` follows: the float32
     solve's relative error, about ``cond · 6e-8``, is squared, so the direction keeps close to
-    float64 accuracy for ``cond ≲ 10⁵`` at float32 cost."""
+    float64 accuracy for ``cond ≲ 10⁵`` at float32 cost. Systems of at most
+    :data:`SMALL_SYSTEM` unknowns are factored in ``b``'s precision: there the factorisation
+    costs less than the refinement step (measured: 5-way 1-shot, ``m = 25``)."""
+    if matrix.shape[-1] <= SMALL_SYSTEM:
+        factor_dtype = rhs.dtype
     shifted = matrix.to(factor_dtype, copy=True)
     shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
     chol = torch.linalg.cholesky(shifted)
@@ -640,7 +650,7 @@ def head_hypergradient(
     (and the head's start ``c`` when it is learned), so the implicit function theorem at
     ``φ_t ≈ φ_t*`` gives, per task::
 
-        v_t = [∇²_φ g_t]⁻¹ ∇_φ f_t                          (N CG steps from v0)
+        v_t = [∇²_φ g_t]⁻¹ ∇_φ f_t              (exactly, or N CG steps from v0)
         ∂F_t/∂Z_q = ∇_{Z_q} f_t,    ∂F_t/∂(Z_s, c) = −∂/∂(Z_s, c) ⟨∇_φ g_t, v_t⟩
 
     and one ordinary backward pass of the backbone carries these into ``θ``. ``cg_iters = 0``
@@ -654,9 +664,10 @@ def head_hypergradient(
         cg_iters: ``N ≥ 0``.
         v0: CG's warm start, shaped like ``phi``.
         tol: CG stops once every residual is ``≤ tol``.
-        exact_v: solve for ``v`` with :meth:`Curvature.solve` instead of CG — for a linear head
-            the same exact Woodbury solve as a Newton direction, in float64 (``cg_iters`` then
-            only says whether there is an implicit term: ``0`` or not).
+        exact_v: where the problem has an exact solve (:attr:`HeadProblem.exact_solve`: a
+            linear head), solve for ``v`` with it instead of CG — the same Woodbury solve as a
+            Newton direction, in float64; ``cg_iters`` then only says whether there is an
+            implicit term (``0`` or not). Other problems use ``cg_iters`` CG steps either way.
 
     Returns:
         A :class:`HeadHypergradient`.
@@ -668,7 +679,7 @@ def head_hypergradient(
         return HeadHypergradient(torch.zeros_like(problem.features), grad_query, zeros, None, None)
     curvature = problem.curvature(phi)
     cg = None
-    if exact_v:
+    if exact_v and problem.exact_solve:
         wide = _in_float64(problem).curvature(_cast(phi, torch.float64))
         v = _cast(wide.solve(_cast(grad_phi, torch.float64)), problem.features.dtype)
     else:
