@@ -578,7 +578,7 @@ _EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "inner_lr": "auto",
         "cg_iters": 20,
         "cg_tol": 0.0,
-        "exact_v": False,
+        "exact_v": True,
         "l2": 0.1,
         "loss": "cross_entropy",
         "warm_start_head": False,
