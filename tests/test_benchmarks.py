@@ -4,6 +4,7 @@ the wall-clock threshold, on made-up measurements whose answers are known by han
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -164,3 +165,56 @@ def test_fair_jobs_interleave_methods_and_the_log_resumes(tmp_path: Path) -> Non
     log = tmp_path / "log.jsonl"
     log.write_text('{"name": "a0", "result": {}}\n{"name": "b0", "res')  # torn last line
     assert [r["name"] for r in fair.read_log(log)] == ["a0"]
+
+
+def test_fair_report_speed_within_one_validation_spacing_is_a_tie() -> None:
+    final = {
+        "runs": [
+            _final_run("mrml", 0, 0.95, [(20, 0.9)]),
+            _final_run("anil", 0, 0.90, [(40, 0.9)]),
+            _final_run("maml", 0, 0.80, [(100, 0.9)]),
+        ]
+    }
+    summary = {n: fair_report.summarise_row(r, 0.81) for n, r in fair_report.rows_of(final).items()}
+    lines = [line for line in fair_report.targets(summary, None, spacing=20.0) if "speed" in line]
+    assert lines[0].endswith("tie (within the 20 s validation spacing)")  # 20 s vs 40 s
+    assert lines[1].endswith("holds")  # 20 s vs 100 s
+    never = {n: fair_report.summarise_row(r, 0.99) for n, r in fair_report.rows_of(final).items()}
+    speeds = [line for line in fair_report.targets(never, None) if "speed" in line]
+    assert all(line.endswith("tie") for line in speeds)  # nobody reached the threshold
+
+
+def test_long_rows_take_the_baselines_best_on_validation_not_test() -> None:
+    runs = [
+        {"row": "anil", "best_val": 0.90, "seed": 0},
+        {"row": "anil", "best_val": 0.92, "seed": 1},
+        {"row": "maml", "best_val": 0.95, "seed": 0},  # best on validation
+        {"row": "imaml", "best_val": 0.80, "seed": 0},
+        {"row": "mrml", "best_val": 0.99, "seed": 0},  # not a baseline
+        {"row": "mrml-paper", "best_val": 0.99, "seed": 0},  # nor an extra row
+        {"row": "fomaml", "failed": "boom", "seed": 0},
+    ]
+    assert fair.best_baselines(runs, 2) == ["maml", "anil"]
+
+
+def test_fair_report_reads_a_running_stage_from_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fair_report, "RESULTS", tmp_path)
+    assert fair_report._stage("final", "5way1shot") is None
+    options = {"time_budget": 600.0, "val_every_seconds": 20.0, "test_tasks": 600}
+    runs = [
+        {**_final_run("mrml", 0, 0.95, [(20, 0.9)]), "options": options},
+        {**_final_run("anil", 0, 0.90, [(40, 0.9)]), "options": options},
+    ]
+    log = tmp_path / "fair_final_5way1shot.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in runs) + '{"row": "ma')  # torn line
+    stage = fair_report._stage("final", "5way1shot")
+    assert stage is not None and stage["partial"] and len(stage["runs"]) == 2
+    text = fair_report.markdown("5way1shot", None, stage, None)
+    assert "**Partial**: 2 runs logged" in text
+    assert "tie (within the 20 s validation spacing)" in text
+    long = {"budget_cpu_seconds": 3600.0, "command": "x", "runs": runs}
+    table = "\n".join(fair_report.long_markdown(long))
+    assert "## Long budget (1 h" in table
+    assert "| mrml | 100 | 90.00% | 95.00% ± 1.00% | 94.00% |" in table
