@@ -45,6 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The tuning grid of every method: the same size (4) for each, over the meta learning rate and
@@ -62,22 +67,13 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "imaml": [{"lr": lr, "reg": reg} for lr in (1e-3, 3e-3) for reg in (0.5, 2.0)],
 }
 
+# mrml with the paper's lower level and its code's settings (not tuned): the recipe users get.
+PAPER_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "mrml-paper.toml"
+
 # Rows measured in the final stage besides the tuned methods: (name, based on, changes).
 EXTRA_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("mrml-learn-head-init", "mrml", {"learn_head_init": True}),
-    (
-        "mrml-paper",  # the paper's lower level and its code's settings, not tuned
-        "paper",
-        {
-            "algo": "mrml",
-            "inner_solver": "gd",
-            "inner_steps": 20,
-            "cg_iters": 20,
-            "exact_v": False,
-            "inner_lr": 0.1,
-            "l2": 0.0,
-        },
-    ),
+    ("mrml-paper", "paper", tomllib.loads(PAPER_RECIPE.read_text())),
 ]
 
 

@@ -62,6 +62,17 @@ def write_dataset(name: str, root: Path, per_class: int) -> None:
         first += n_classes
 
 
+def test_the_paper_lower_level_is_one_flag_away():
+    """``--config configs/mrml-paper.toml`` over the defaults: the paper's K = 20 fixed steps
+    from zero without L2 and N = 20 CG steps for v; nothing else changes."""
+    given = read_toml(CONFIGS / "mrml-paper.toml")
+    config = TrainConfig.from_dict(given)
+    want = {"inner_solver": "gd", "inner_steps": 20, "inner_lr": 0.1, "l2": 0.0}
+    assert {k: getattr(config, k) for k in want} == want
+    assert (config.cg_iters, config.exact_v) == (20, False)
+    assert set(given) == {"algo", *want, "cg_iters", "exact_v"}  # a lower level, not a run
+
+
 def test_there_is_a_recipe_per_table_1_setting():
     names = {p.stem for p in PAPER}
     want = {f"{d}-5way-{k}shot" for d in CLASSES for k in (1, 5)}
