@@ -15,6 +15,7 @@ import torch
 
 from mrmeta import __version__
 from mrmeta._factory import build_learner, build_model
+from mrmeta.algorithms import algorithm_defaults
 from mrmeta.cli import build_parser, config_from_args, main
 from mrmeta.config import APPLIES_TO, ConfigError, TrainConfig, is_switch
 from mrmeta.evaluate import format_accuracy as _accuracy_text
@@ -218,7 +219,7 @@ BAD_INPUTS = [
     (["--data-root", "/nonexistent/mrmeta-data", "--no-download"], "MRMETA_DATA"),
     (["--dataset", "sinusoid"], "--dataset must be one of omniglot, cifar-fs"),
     (["--meta-batch", "0"], "--meta-batch must be an integer >= 1"),
-    (["--warm-start-cg"], "--warm-start-cg needs exact_v=False (on the command line: --no-exact-v"),
+    (["--warm-start-cg"], "--warm-start-cg needs --no-exact-v: it warm-starts CG's N steps"),
 ]
 
 
@@ -416,7 +417,8 @@ def test_options_left_at_their_defaults_are_never_refused(algo: str) -> None:
         if algo in algos:  # and each option its algorithm has is accepted
             flag = "--" + key.replace("_", "-")
             value = ["gd"] if key == "inner_solver" else [] if is_switch(key) else ["1"]
-            assert _config(["--algo", algo, flag, *value]).algo == algo
+            also = ["--no-exact-v"] if key == "warm_start_cg" else []  # CG to warm-start
+            assert _config(["--algo", algo, flag, *value, *also]).algo == algo
 
 
 @pytest.mark.parametrize("dataset", ["sinusoid", "imagenet-1k"])
@@ -446,3 +448,48 @@ def test_learner_option_errors_name_the_flag() -> None:
     config = TrainConfig(algo="maml", inner_lr="auto", hidden=8)
     with pytest.raises(ConfigError, match="^--algo maml: --inner-lr must be a number"):
         build_learner(config, build_model(config, (1, 28, 28)))
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_a_run_saves_the_values_it_uses_and_resumes_with_them_given_again(
+    tmp_path: Path, capsys
+) -> None:
+    """config.json holds every algorithm option as used (the defaults filled in), so that a
+    later version's defaults cannot change a saved run, and giving a default again on
+    ``--resume`` is the same setting, not a change."""
+    out = tmp_path / "run"
+    assert _run(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"], capsys)[0] == 0
+    saved = json.loads((out / "config.json").read_text())
+    defaults = algorithm_defaults("mrml")
+    for key in ("inner_solver", "inner_tol", "inner_lr", "l2", "exact_v", "warm_start_cg"):
+        assert saved[key] == defaults[key], key
+    assert (saved["inner_steps"], saved["cg_iters"], saved["lr"]) == (3, 3, defaults["meta_lr"])
+    assert saved["reg"] is None  # iMAML's: not an option of mrml
+    again = ["--l2", str(defaults["l2"]), "--exact-v", "--iterations", "3", "--quiet"]
+    code, _, err = _run(["train", "--out", str(out), "--resume", *again], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_a_run_saved_before_exact_v_existed_resumes_and_tests_with_cg(tmp_path: Path) -> None:
+    """Runs written before ``exact_v`` existed solved for v with N CG steps: a checkpoint
+    without the key resumes and is tested as it trained (with CG)."""
+    config = TrainConfig.from_saved({"algo": "mrml", "cg_iters": 3}, source="old config.json")
+    assert config.exact_v is False
+    assert TrainConfig.from_saved({"algo": "maml"}, source="x").exact_v is None  # not maml's
+    assert TrainConfig.from_saved({"algo": "mrml", "exact_v": True}, source="x").exact_v is True
+    out = tmp_path / "run"
+    subprocess.run(_cli([*TINY, "--iterations", "2", "--out", str(out)]), check=True)
+    for name in ("last.pt", "best.pt"):  # as an old version would have written them
+        state = torch.load(out / name, weights_only=False)
+        del state["config"]["exact_v"]
+        torch.save(state, out / name)
+    config_file = json.loads((out / "config.json").read_text())
+    del config_file["exact_v"]
+    (out / "config.json").write_text(json.dumps(config_file))
+    subprocess.run(_cli(["--out", str(out), "--resume", "--iterations", "3"]), check=True)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    third = next(r for r in records if r["kind"] == "train" and r["iteration"] == 3)
+    assert third["cg_breakdowns"] is not None  # CG ran: v came from N CG steps, as before

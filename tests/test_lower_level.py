@@ -230,3 +230,41 @@ def test_newton_refuses_a_lower_level_without_l2() -> None:
 
     with pytest.raises(ValueError, match="l2 > 0"):
         MemoryReduced(nn.Linear(3, 4), nn.Linear(4, 2), l2=0.0)
+
+
+@pytest.mark.parametrize(
+    ("ways", "shots", "dim"),
+    [
+        pytest.param(5, 1, 16, id="5w1s-25-unknowns"),  # built and factored in float64
+        pytest.param(5, 5, 32, id="5w5s-125-unknowns"),
+        pytest.param(20, 1, 24, id="20w1s-400-unknowns"),  # float32 factor, refined
+    ],
+)
+def test_exact_v_of_a_float32_model_is_exact_to_float32_rounding(
+    ways: int, shots: int, dim: int
+) -> None:
+    """The exact solve of ``v`` for a float32 model (the float64 Woodbury or dense solve, cast
+    back) against a dense float64 solve on the same float32-rounded inputs, with a small μ:
+    accurate to float32's rounding of the result."""
+    l2 = 1e-3
+    zs, ys, zq, yq = _task(ways, shots, dim, "cross_entropy")
+    zs, zq = zs.float(), zq.float()
+    center = {"weight": torch.zeros(1, ways, dim), "bias": torch.zeros(1, ways)}
+    problem = head_problem(nn.Linear(dim, ways), zs, ys, center, l2=l2, loss="cross_entropy")
+    phi, _ = solve_lower_level(problem, center, solver="newton", max_iters=80, tol=1e-6, lr="auto")
+    got = head_hypergradient(problem, phi, zq, yq, cg_iters=1, exact_v=True).v
+    assert got is not None and got["weight"].dtype == torch.float32
+
+    x, zs64, zq64 = _flat(phi).double(), zs[0].double(), zq[0].double()
+
+    def lower(y: Tensor) -> Tensor:
+        w, b = _unflatten(y, ways, dim)
+        return F.cross_entropy(zs64 @ w.T + b, ys[0]) + 0.5 * l2 * y.pow(2).sum()
+
+    def outer(y: Tensor) -> Tensor:
+        w, b = _unflatten(y, ways, dim)
+        return F.cross_entropy(zq64 @ w.T + b, yq[0])
+
+    h = hessian(lower)(x)
+    want = torch.linalg.solve(h, grad(outer)(x))
+    assert float((_flat(got).double() - want).norm() / want.norm()) < 1e-6

@@ -52,6 +52,20 @@ def learner_options(config: TrainConfig) -> dict[str, Any]:
     return options
 
 
+def effective_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with each algorithm option it leaves unset (``None``) set to the value its
+    learner will use (the algorithm's default, or :data:`LAST_BLOCK_DEFAULTS`), and ``lr`` to
+    the algorithm's ``meta_lr``: what a run saves, so that resuming or testing it, or reading its
+    ``config.json``, never depends on the defaults of a later version."""
+    accepted, chosen = algorithm_defaults(config.algo), learner_options(config)
+    filled = {
+        name: chosen.get(name, accepted[name])
+        for name in ALGORITHM_OPTIONS
+        if getattr(config, name) is None and name in accepted
+    }
+    return config.replace(**filled, lr=meta_lr(config))
+
+
 def resolved(config: TrainConfig, name: str) -> Any:
     """``config.<name>``, or the algorithm's default when the config leaves it unset."""
     if name == "lr":

@@ -157,7 +157,7 @@ def evaluate_run(
     if tasks < 1:
         raise ConfigError(f"--tasks must be >= 1, got {tasks}")
     state = folder.load(name)
-    config = TrainConfig.from_dict(state["config"], source=str(folder.file(name)))
+    config = TrainConfig.from_saved(state["config"], source=str(folder.file(name)))
     root = data_root_for(data_root, config.data_root)
     # eval reads the data where it is told or where the run found it, and downloads nothing
     config = config.replace(

@@ -48,6 +48,8 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     for key in ALGORITHM_OPTIONS
     if (algos := tuple(a for a in ALGORITHMS if key in algorithm_defaults(a))) != ALGORITHMS
 }
+# Options a run folder written before they existed does not hold, and the value it ran with.
+LEGACY_VALUES: dict[str, Any] = {"exact_v": False}  # v came from N CG steps before exact_v
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -117,7 +119,7 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        problems = _problems(self) or _adapt_problems(self)
+        problems = _problems(self) or _adapt_problems(self) or _warm_cg_problems(self)
         if problems:
             raise ConfigError(problems=problems)
 
@@ -157,6 +159,19 @@ class TrainConfig:
         if unknown:
             raise ConfigError(problems=unknown).renamed(name)
         return config
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any], *, source: str) -> TrainConfig:
+        """A run's saved configuration (``config.json`` or a checkpoint's), with the options that
+        runs written before the option existed do not hold set to the value they ran with
+        (:data:`LEGACY_VALUES`), so that such a run resumes and tests as it trained."""
+        algo = values.get("algo", cls.algo)
+        legacy = {
+            key: value
+            for key, value in LEGACY_VALUES.items()
+            if key not in values and algo in APPLIES_TO.get(key, ALGORITHMS)
+        }
+        return cls.from_dict({**values, **legacy}, source=source)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -227,6 +242,22 @@ def _adapt_problems(config: TrainConfig) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def _warm_cg_problems(config: TrainConfig) -> list[tuple[str, str]]:
+    """``warm_start_cg`` with mrml's exact solve of ``v`` (a linear head), which uses no CG."""
+    exact_v = config.exact_v
+    if exact_v is None:
+        exact_v = algorithm_defaults(config.algo).get("exact_v", False)
+    if config.warm_start_cg and exact_v and config.adapt == "head":
+        return [
+            (
+                "warm_start_cg",
+                "needs --no-exact-v: it warm-starts CG's N steps, and the exact solve of v "
+                "(--exact-v, mrml's default for a linear head) uses no CG",
+            )
+        ]
+    return []
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

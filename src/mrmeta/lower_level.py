@@ -307,7 +307,7 @@ class LinearHeadProblem(HeadProblem):
     ) -> None:
         super().__init__(features, labels, center, l2, loss)
         self.logit_loss = _LOGIT_LOSSES[self.loss]
-        self._gram: tuple[Tensor, Tensor] | None = None
+        self._gram: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         # The precision of the Newton system's factorisation: the features' own, unless the
         # problem was widened to float64 for a float32 model (see solve_lower_level).
         self.factor_dtype = features.dtype
@@ -335,14 +335,15 @@ class LinearHeadProblem(HeadProblem):
         return torch.bmm(residual, phi["weight"]), pull_back(query, residual)
 
     def logit_gram(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in ``dtype`` ``(T, nC, nC)``, computed once."""
-        if self._gram is None:
+        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in ``dtype`` ``(T, nC, nC)``, computed once
+        per ``dtype``."""
+        if dtype not in self._gram:
             features = _with_ones(self.features)
             gram = torch.bmm(features, features.transpose(1, 2))
             c = self.center["weight"].shape[1]
             weights = gram.to(dtype).repeat_interleave(c, 1).repeat_interleave(c, 2)
-            self._gram = (gram, weights)
-        return self._gram
+            self._gram[dtype] = (gram, weights)
+        return self._gram[dtype]
 
     def step_size(self) -> Tensor:
         out_dim = self.center["weight"].shape[1]
@@ -399,8 +400,12 @@ class _LinearCurvature(Curvature):
         features = _with_ones(self.problem.features)
         factor = self.problem.logit_loss.factor(self.state)
         stacked = torch.cat([rhs["weight"], rhs["bias"].unsqueeze(-1)], -1)
-        n, d1 = features.shape[1:]
-        l2, precision = self.problem.l2, self.problem.factor_dtype
+        (n, d1), c = features.shape[1:], factor.shape[-1]
+        size = n * c if n <= d1 else c * d1  # the unknowns of the system solved
+        # A small system is built and factored in full precision: there that costs less than a
+        # refinement step (measured: 5-way 1-shot, 25 unknowns), and it is exact to rounding.
+        precision = stacked.dtype if size <= SMALL_SYSTEM else self.problem.factor_dtype
+        l2 = self.problem.l2
         if n <= d1:
             gram, weights = self.problem.logit_gram(precision)
             x = _woodbury_solve(features, gram, weights, factor, l2, stacked, precision)
@@ -472,11 +477,7 @@ def _spd_solve(
     below ``b``'s precision (float32 for a float64 system: a float32 model's lower level), one
     step of iterative refinement with the residual from ``operator`` follows: the float32
     solve's relative error, about ``cond · 6e-8``, is squared, so the direction keeps close to
-    float64 accuracy for ``cond ≲ 10⁵`` at float32 cost. Systems of at most
-    :data:`SMALL_SYSTEM` unknowns are factored in ``b``'s precision: there the factorisation
-    costs less than the refinement step (measured: 5-way 1-shot, ``m = 25``)."""
-    if matrix.shape[-1] <= SMALL_SYSTEM:
-        factor_dtype = rhs.dtype
+    float64 accuracy for ``cond ≲ 10⁵`` at float32 cost."""
     shifted = matrix.to(factor_dtype, copy=True)
     shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
     chol = torch.linalg.cholesky(shifted)
@@ -591,6 +592,12 @@ class _AutogradCurvature(Curvature):
         return {k: t.detach() for k, t in result.solution.items()}
 
 
+def has_closed_form(head: nn.Module) -> bool:
+    """Whether ``head``'s problem has closed forms and an exact solve (:class:`LinearHeadProblem`:
+    an ``nn.Linear`` with a bias); any other head is handled by autograd."""
+    return isinstance(head, nn.Linear) and head.bias is not None
+
+
 def head_problem(
     head: nn.Module,
     features: Tensor,
@@ -603,7 +610,7 @@ def head_problem(
     """The :class:`HeadProblem` for ``head``: closed forms for an ``nn.Linear`` with a bias,
     autograd for anything else. ``features (T, n, d)`` are detached here."""
     features = features.detach()
-    if isinstance(head, nn.Linear) and head.bias is not None:
+    if has_closed_form(head):
         return LinearHeadProblem(features, labels, center, l2, loss)
     return AutogradHeadProblem(head, features, labels, center, l2, loss)
 

@@ -26,7 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mrmeta._checkpoint import MetricsLog, read_metrics
-from mrmeta._factory import build_learner, build_model, build_optimizer, meta_lr
+from mrmeta._factory import (
+    build_learner,
+    build_model,
+    build_optimizer,
+    effective_config,
+    meta_lr,
+)
 from mrmeta._run_eval import (
     VAL_SEED_OFFSET,
     absolute_data_root,
@@ -464,13 +470,13 @@ def saved_config(folder: RunFolder) -> TrainConfig:
     ``config.json``'s when the run was stopped before it wrote a checkpoint."""
     folder.check_resumable()
     if folder.has_checkpoint():
-        return TrainConfig.from_dict(folder.load(LAST)["config"], source=str(folder.file(LAST)))
+        return TrainConfig.from_saved(folder.load(LAST)["config"], source=str(folder.file(LAST)))
     path = folder.file(CONFIG_FILE)
     try:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} cannot be read ({err}); the run cannot resume") from None
-    return TrainConfig.from_dict(values, source=str(path))
+    return TrainConfig.from_saved(values, source=str(path))
 
 
 def resumed_config(
@@ -545,7 +551,7 @@ def train(
         raise ValueError("train() needs a config for a new run")
     else:
         folder.check_new()
-        config = config.replace(data_root=absolute_data_root(config.data_root))
+        config = effective_config(config.replace(data_root=absolute_data_root(config.data_root)))
     _refuse_undeclared_launch(config)
     ctx = DistContext()
     with _sigterm_as_interrupt():

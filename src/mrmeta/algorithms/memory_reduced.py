@@ -18,8 +18,13 @@ from mrmeta.algorithms._head_learner import (
     solve_stats,
 )
 from mrmeta.algorithms.base import ChunkStats, accumulate_grad, query_stats
-from mrmeta.lower_level import HeadHypergradient, Solver, head_hypergradient
+from mrmeta.lower_level import HeadHypergradient, Solver, has_closed_form, head_hypergradient
 from mrmeta.tasks import TaskBatch
+
+WARM_CG_NEEDS_CG = (
+    "warm_start_cg needs exact_v=False (on the command line: --no-exact-v): it warm-starts "
+    "CG's N steps, and exact_v solves for v without CG"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,11 +51,6 @@ class MemoryReducedOptions(HeadOptions):
         self._store("warm_start_head", bool(self.warm_start_head))
         self._store("warm_start_cg", bool(self.warm_start_cg))
         self._store("exact_v", bool(self.exact_v))
-        if self.warm_start_cg and self.exact_v:
-            raise ValueError(
-                "warm_start_cg needs exact_v=False (on the command line: --no-exact-v): it "
-                "warm-starts CG's N steps, and exact_v solves for v without CG"
-            )
 
 
 class MemoryReduced(HeadLearner):
@@ -108,7 +108,8 @@ class MemoryReduced(HeadLearner):
         l2: ``μ ≥ 0``, the strong-convexity coefficient of the lower level.
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression).
         warm_start_head: warm-start ``φ`` per task slot across iterations.
-        warm_start_cg: warm-start CG's ``v`` per task slot across iterations.
+        warm_start_cg: warm-start CG's ``v`` per task slot across iterations (with a linear
+            head it needs ``exact_v=False``: the exact solve uses no CG).
         exact_v: solve ``[∇²_φ g_i] v_i = ∇_φ f_i`` exactly where the head has a closed form
             (``nn.Linear``: one Woodbury solve, as for a Newton direction) instead of ``N`` CG
             steps (default; other heads always use CG). At the default μ the two agree to
@@ -141,6 +142,8 @@ class MemoryReduced(HeadLearner):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, **options: Any) -> None:
         super().__init__(backbone, head, **options)
+        if self.options.warm_start_cg and self.options.exact_v and has_closed_form(head):
+            raise ValueError(WARM_CG_NEEDS_CG)
         self.slots = SlotWarmStarts()
 
     recompute_features: bool | None = None
