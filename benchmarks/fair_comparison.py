@@ -299,7 +299,7 @@ def final(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-BASELINES = ("anil", "itd-bio", "maml", "fomaml", "imaml")
+BASELINES = tuple(method for method in GRIDS if method != "mrml")
 
 
 def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
@@ -318,7 +318,13 @@ def long(args: argparse.Namespace) -> None:
     baselines with the best validation accuracy in the final stage, tested once."""
     tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
     final_runs = read_log(RESULTS / f"fair_final_{_setting(args)}.jsonl")
-    chosen = ["mrml", *best_baselines(final_runs, 2)]
+    baselines = best_baselines(final_runs, 2)
+    if len(baselines) < 2:
+        raise SystemExit(
+            f"long: the final stage's log holds {len(baselines)} baselines with results; run "
+            f"'final --ways {args.ways}' first (the long rows are chosen on its validation)"
+        )
+    chosen = ["mrml", *baselines]
     jobs = []
     for name in chosen:
         config = tuning["selected"][name]
@@ -388,8 +394,8 @@ def cost(args: argparse.Namespace) -> None:
     train_split = load_dataset("omniglot", "train", root=args.data_root)
     learners = {}
     variants = {"mrml": {"algo": "mrml"}, "anil": {"algo": "anil"}}
-    if args.cost_exact_v:
-        variants["mrml-exact-v"] = {"algo": "mrml", "exact_v": True}
+    if args.cost_cg_v:
+        variants["mrml-cg-v"] = {"algo": "mrml", "exact_v": False}
     for name, changes in variants.items():
         config = TrainConfig(ways=args.ways, shots=args.shots, queries=args.queries, **changes)
         torch.manual_seed(0)
@@ -418,10 +424,10 @@ def cost(args: argparse.Namespace) -> None:
         "ratio_quartiles": [q[0], q[2]],
         "command": " ".join(sys.argv),
     }
-    if args.cost_exact_v:
-        exact = [m / a for m, a in zip(times["mrml-exact-v"], times["anil"], strict=True)]
-        out["exact_v_ratio_median"] = statistics.median(exact)
-        print(f"mrml with exact v / ANIL s/it: median {statistics.median(exact):.3f}")
+    if args.cost_cg_v:
+        cg = [m / a for m, a in zip(times["mrml-cg-v"], times["anil"], strict=True)]
+        out["cg_v_ratio_median"] = statistics.median(cg)
+        print(f"mrml with v from N CG steps / ANIL s/it: median {statistics.median(cg):.3f}")
     path = RESULTS / f"fair_cost_{_setting(args)}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(
@@ -451,7 +457,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cost-rounds", type=int, default=7)
     parser.add_argument("--cost-iterations", type=int, default=5)
-    parser.add_argument("--cost-exact-v", action="store_true", help="cost: also mrml --exact-v")
+    parser.add_argument(
+        "--cost-cg-v", action="store_true", help="cost: also mrml with v from N CG steps"
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/fair"))
     args = parser.parse_args()
     if args.queries is None:  # 20-way: 5 queries per class, so an iteration costs about the same

@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fair_comparison import read_log
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVE_TARGET = 1e-4
 
@@ -277,7 +279,7 @@ def _stage(name: str, setting: str) -> dict[str, Any] | None:
     log = RESULTS / f"fair_{name}_{setting}.jsonl"
     if not log.exists():
         return None
-    runs = [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+    runs = read_log(log)
     if not runs:
         return None
     first = runs[0]["options"]

@@ -51,11 +51,12 @@ HELP = {
     "inner_steps": "inner gradient steps K, or Newton's cap",
     "inner_tol": "Newton stops once every task's lower-level gradient norm is below this (mrml)",
     "inner_lr": "inner step size, or 'auto' (1/L per task; head-only methods)",
-    "cg_iters": "CG iterations N (mrml, imaml); 0: no implicit term",
+    "cg_iters": "CG iterations N (mrml, imaml); 0: no implicit term (mrml with --exact-v: only "
+    "0 or not matters)",
     "l2": "L2 coefficient mu of the lower level (mrml, itd-bio)",
     "reg": "proximal coefficient lambda of iMAML",
     "warm_start_head": "warm-start the head per task slot across iterations (mrml)",
-    "warm_start_cg": "warm-start CG per task slot across iterations (mrml)",
+    "warm_start_cg": "warm-start CG per task slot across iterations (mrml, with --no-exact-v)",
     "learn_head_init": "meta-learn the head's starting point too (mrml)",
     "exact_v": "solve for v exactly (linear head: one Woodbury solve) instead of --cg-iters "
     "CG steps (mrml)",

@@ -30,7 +30,8 @@ class StepStats:
         inner_grad_norm_max: the largest ``‖∇_φ g(θ, φ^K)‖`` over the batch's tasks.
         inner_iterations: mean iterations the lower-level solver used per task (Newton
             iterations, or the ``K`` gradient steps).
-        cg_residual: mean final CG residual ``‖∇_φ f − H v‖`` (``None`` without CG).
+        cg_residual: mean residual ``‖∇_φ f − H v‖`` of ``v``, from CG or the exact solve
+            (``None`` without an implicit term).
         cg_breakdowns: fraction of tasks whose CG stopped on non-positive curvature or a
             non-finite value (``None`` without CG); such a task keeps its last good ``v``.
         grad_norm: norm of the meta-gradient over all meta-parameters.
