@@ -218,3 +218,37 @@ def test_fair_report_reads_a_running_stage_from_its_log(
     table = "\n".join(fair_report.long_markdown(long))
     assert "## Long budget (1 h" in table
     assert "| mrml | 100 | 90.00% | 95.00% ± 1.00% | 94.00% |" in table
+
+
+def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fair, "RESULTS", tmp_path)
+    selected = {m: {"lr": 0.001 * (i + 1)} for i, m in enumerate(fair.GRIDS)}
+    (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
+    args = fair.argparse.Namespace(
+        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
+        long_budget=3600.0, validations=30, test_tasks=600, runs=tmp_path / "runs", workers=2,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
+        fair.long(args)  # no final stage yet: nothing to choose the baselines on
+    final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
+    final.append({"row": "imaml", "best_val": 0.95, "seed": 0})
+    log = tmp_path / "fair_final_5way1shot.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in final))
+    ran: list[dict] = []
+
+    def fake_run(job: dict, _: object) -> dict:
+        ran.append(job)
+        return {**job, "result": {"test_accuracy": 0.9, "test_ci95": 0.01}}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    fair.long(args)
+    assert [j["row"] for j in ran] == ["mrml", "imaml", "anil"]
+    for job in ran:
+        options = job["options"]
+        assert options["algo"] == job["row"] and options["lr"] == selected[job["row"]]["lr"]
+        assert (options["time_budget"], options["val_every_seconds"]) == (3600.0, 120.0)
+        assert options["test_tasks"] == 600 and options["seed"] == 0 and options["threads"] == 1
+    written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
+    assert [r["row"] for r in written["runs"]] == ["mrml", "imaml", "anil"]
