@@ -20,6 +20,7 @@ from fair_comparison import read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVE_TARGET = 1e-4
+MAML_GAP_TARGET = 0.03  # iMAML and first-order MAML within 3 points of MAML's mean test accuracy
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -111,6 +112,19 @@ def targets(
             f"speed to 0.9 × mrml's best validation vs {name}: mrml {_secs(mrml['mean_time'])} "
             f"against {_secs(row['mean_time'])} (mean over seeds): {verdict}"
         )
+    for name in ("fomaml", "imaml"):
+        if name in baselines and "maml" in baselines:
+            gap = baselines["maml"]["test"][0] - baselines[name]["test"][0]
+            verdict = (
+                "holds"
+                if gap <= MAML_GAP_TARGET
+                else f"missed by {100 * (gap - MAML_GAP_TARGET):.2f} points"
+            )
+            lines.append(
+                f"{name} within {100 * MAML_GAP_TARGET:.0f} points of maml: "
+                f"{100 * baselines[name]['test'][0]:.2f}% against "
+                f"{100 * baselines['maml']['test'][0]:.2f}% ({100 * -gap:+.2f} points): {verdict}"
+            )
     norm = mrml["inner_grad_norm_max"]
     if norm is not None:
         verdict = "holds" if norm <= SOLVE_TARGET else f"missed by {norm / SOLVE_TARGET:.1f}×"

@@ -158,6 +158,23 @@ def test_fair_report_calls_a_tie_a_tie() -> None:
     assert lines[0].endswith("tie") and lines[1].endswith("missed")
 
 
+def test_fair_report_first_order_and_implicit_maml_within_three_points() -> None:
+    final = {
+        "runs": [
+            _final_run("mrml", 0, 0.96, [(10, 0.9)]),
+            _final_run("maml", 0, 0.92, [(50, 0.9)]),
+            _final_run("fomaml", 0, 0.895, [(40, 0.9)]),  # 2.5 points below maml
+            _final_run("imaml", 0, 0.885, [(40, 0.9)]),  # 3.5 points below maml
+        ]
+    }
+    summary = {n: fair_report.summarise_row(r, 0.81) for n, r in fair_report.rows_of(final).items()}
+    lines = [line for line in fair_report.targets(summary, None) if "points of maml" in line]
+    assert len(lines) == 2
+    assert lines[0].startswith("fomaml") and "(-2.50 points)" in lines[0]
+    assert lines[0].endswith("holds")
+    assert lines[1].startswith("imaml") and lines[1].endswith("missed by 0.50 points")
+
+
 def test_fair_jobs_interleave_methods_and_the_log_resumes(tmp_path: Path) -> None:
     groups = [[{"name": f"{m}{i}"} for i in range(2)] for m in "abc"]
     order = [j["name"] for j in fair.interleave(groups)]
