@@ -1,0 +1,154 @@
+"""Tests for the measurements behind the README's explanations of iMAML's and first-order MAML's
+20-way results (benchmarks/imaml_breakdowns.py, benchmarks/first_order_gap.py), against dense
+float64 references on a tiny network."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from mrmeta import FOMAML, IMAML, MAML, TaskBatch
+from mrmeta.implicit import CGResult
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+breakdowns = load("imaml_breakdowns")
+first_order_gap = load("first_order_gap")
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def tiny_tasks(tasks: int = 3) -> TaskBatch:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tasks, 6, 3, generator=gen, dtype=torch.float64) * 2
+    xq = torch.randn(tasks, 6, 3, generator=gen, dtype=torch.float64)
+    y = torch.arange(3).repeat(tasks, 2)
+    return TaskBatch(x, y, xq, y.clone())
+
+
+def dense_support_hessians(model: nn.Module, batch: TaskBatch, phi: dict) -> list[torch.Tensor]:
+    """Each task's Hessian of its mean support cross-entropy at ``phi``, formed densely."""
+    names = list(phi)
+    shapes = [phi[k].shape[1:] for k in names]
+    sizes = [s.numel() for s in shapes]
+    out = []
+    for t in range(batch.num_tasks):
+        flat0 = torch.cat([phi[k][t].flatten() for k in names])
+
+        def loss(flat: torch.Tensor, t: int = t) -> torch.Tensor:
+            params = {
+                k: p.view(s) for k, p, s in zip(names, flat.split(sizes), shapes, strict=True)
+            }
+            logits = functional_call(model, params, (batch.support_x[t],))
+            return nn.functional.cross_entropy(logits, batch.support_y[t])
+
+        out.append(hessian(loss)(flat0))
+    return out
+
+
+def test_power_iteration_finds_the_smallest_hessian_eigenvalue() -> None:
+    model = tiny_model()
+    learner = IMAML(model, inner_steps=3, inner_lr=0.3, reg=0.5)
+    batch = tiny_tasks()
+    phi = learner.adapt(batch.support_x, batch.support_y)
+    found = breakdowns.most_negative_curvature(learner, batch, phi, iters=400)
+    for t, h in enumerate(dense_support_hessians(model, batch, phi)):
+        eigenvalues = torch.linalg.eigvalsh(h)
+        assert eigenvalues[0] < 0  # the tiny network's support loss is not convex here
+        # a Rayleigh quotient, so never below the smallest eigenvalue; converged, equal to it
+        assert found[t] >= eigenvalues[0] - 1e-10
+        torch.testing.assert_close(found[t], eigenvalues[0], rtol=1e-4, atol=1e-8)
+
+
+def test_breakdown_steps_count_the_residual_changes_before_the_freeze() -> None:
+    norms = torch.tensor([[4.0, 4.0], [3.0, 2.0], [3.0, 1.0], [3.0, 0.5]])
+    cg = CGResult({}, norms, 3, False, "non-positive curvature", torch.tensor([True, False]))
+    assert breakdowns.cg_steps_before_breakdown(cg) == [1, 3]
+
+
+def test_measure_reports_breakdowns_where_the_damped_hessian_is_indefinite() -> None:
+    model = tiny_model()
+    batch = tiny_tasks()
+    learner = IMAML(model, inner_steps=3, inner_lr=0.3, reg=1e-3, cg_iters=10)
+    phi = learner.adapt(batch.support_x, batch.support_y)
+    smallest = [torch.linalg.eigvalsh(h)[0] for h in dense_support_hessians(model, batch, phi)]
+    row = breakdowns.measure(learner, batch, power_iters=200)
+    # I + H/λ is indefinite on every task at λ = 1e-3 (each H has an eigenvalue below −λ)
+    assert all(e < -1e-3 for e in smallest)
+    assert row["breakdown_fraction"] == 1.0
+    # with no inner steps (φ = θ) and λ ten times the most negative eigenvalue there: none
+    start = IMAML(tiny_model(), inner_steps=0, reg=1.0)
+    phi = start.adapt(batch.support_x, batch.support_y)
+    worst = max(
+        -float(torch.linalg.eigvalsh(h)[0]) for h in dense_support_hessians(model, batch, phi)
+    )
+    large = IMAML(tiny_model(), inner_steps=0, reg=10 * worst, cg_iters=10)
+    assert breakdowns.measure(large, batch, power_iters=20)["breakdown_fraction"] == 0.0
+    # one CG step from 0: v = (bᵀb / bᵀAb) b with A = I + H/λ, b = ∇L^q(θ); its ‖b − Av‖/‖b‖
+    one_step = IMAML(tiny_model(), inner_steps=0, reg=10 * worst, cg_iters=1)
+    relative = []
+    for t, h in enumerate(dense_support_hessians(model, batch, phi)):
+        params = {k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}
+        logits = functional_call(model, params, (batch.query_x[t],))
+        grads = torch.autograd.grad(
+            nn.functional.cross_entropy(logits, batch.query_y[t]), list(params.values())
+        )
+        b = torch.cat([g.flatten() for g in grads])
+        a = torch.eye(len(b), dtype=b.dtype) + h / (10 * worst)
+        r = b - (b @ b) / (b @ a @ b) * (a @ b)
+        relative.append(float(r.norm() / b.norm()))
+    row = breakdowns.measure(one_step, batch, power_iters=1)
+    assert abs(row["relative_residual_median"] - sorted(relative)[1]) < 1e-10
+    assert abs(row["relative_residual_max"] - max(relative)) < 1e-10
+
+
+def test_first_order_gap_compares_the_exact_and_first_order_gradients() -> None:
+    batch = tiny_tasks()
+    exact = first_order_gap.meta_gradient(MAML(tiny_model(), inner_steps=2, inner_lr=0.5), batch)
+    first = first_order_gap.meta_gradient(FOMAML(tiny_model(), inner_steps=2, inner_lr=0.5), batch)
+    # reference: the unrolled gradient of the mean query loss, and the query gradient at φ^K
+    model = tiny_model()
+    theta = {k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}
+    grads_exact, grads_first = [], []
+    for t in range(batch.num_tasks):
+        phi = dict(theta)
+        for _ in range(2):
+            logits = functional_call(model, phi, (batch.support_x[t],))
+            loss = nn.functional.cross_entropy(logits, batch.support_y[t])
+            g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {k: p - 0.5 * gk for (k, p), gk in zip(phi.items(), g, strict=True)}
+        query = functional_call(model, phi, (batch.query_x[t],))
+        q = nn.functional.cross_entropy(query, batch.query_y[t]) / batch.num_tasks
+        grads_exact.append(
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(q, list(theta.values()), retain_graph=True)
+                ]
+            )
+        )
+        grads_first.append(
+            torch.cat([g.flatten() for g in torch.autograd.grad(q, list(phi.values()))])
+        )
+    torch.testing.assert_close(exact, sum(grads_exact), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(first, sum(grads_first), rtol=1e-9, atol=1e-12)
+    assert torch.nn.functional.cosine_similarity(first, exact, dim=0) < 1 - 1e-6
