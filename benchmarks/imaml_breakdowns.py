@@ -12,7 +12,9 @@ otherwise (K = 10 steps of 0.1, N = 5 CG steps), for several λ:
 * the relative residual ``‖b − (I + H/λ)v‖ / ‖b‖`` of the returned ``v`` (1 = no better than 0);
 * ``‖∇_φ g_t(φ^K)‖``, how far the K inner steps are from the lower level's minimiser;
 * a negative curvature ``pᵀH_t p/‖p‖²`` of the support loss at ``φ^K`` found by power
-  iteration (:func:`most_negative_curvature`): CG cannot break down once λ exceeds its size.
+  iteration (:func:`extreme_curvatures`): CG cannot break down once λ exceeds its size;
+* the spectral radius of ``H_t`` found on the way: the inner steps of size ``α`` are stable
+  only while ``α (λ + L) < 2`` for the largest curvature ``L`` along their path.
 
 Each is measured at the initial network (seed 0) and at any checkpoint given with
 ``--checkpoint`` (for instance the best checkpoint of a fair-comparison run). The training
@@ -54,9 +56,12 @@ def cg_steps_before_breakdown(cg: CGResult) -> list[int]:
     return [int(c) for c in changed]
 
 
-def most_negative_curvature(learner: Any, batch: Any, phi: TensorDict, iters: int) -> Tensor:
-    """Per task, a curvature ``pᵀH_t p/‖p‖²`` of the support loss at ``φ_t`` found by power
-    iteration, ``(T,)``: an upper bound on ``H_t``'s smallest eigenvalue.
+def extreme_curvatures(
+    learner: Any, batch: Any, phi: TensorDict, iters: int
+) -> tuple[Tensor, Tensor]:
+    """Per task, the most negative curvature ``pᵀH_t p/‖p‖²`` of the support loss at ``φ_t``
+    found by power iteration (an upper bound on ``H_t``'s smallest eigenvalue) and the spectral
+    radius estimate ``s_t`` used to find it (a lower bound on ``max |eig H_t|``); both ``(T,)``.
 
     Power iteration on ``H_t`` gives ``s_t ≈`` its spectral radius; on ``H_t − s_t I`` (all of
     whose eigenvalues are ≤ 0 once ``s_t ≥ λ_max``) it converges to ``λ_min − s_t``. The
@@ -83,13 +88,14 @@ def most_negative_curvature(learner: Any, batch: Any, phi: TensorDict, iters: in
         return quotient
 
     radius = power(torch.zeros(batch.num_tasks)).abs()
-    return power(radius)
+    return power(radius), radius
 
 
 def measure(learner: Any, batch: Any, power_iters: int) -> dict[str, Any]:
     """Adapt, solve for ``v`` by CG and summarise the solve over the batch's tasks."""
     phi = learner.adapt(batch.support_x, batch.support_y)
-    curvature = most_negative_curvature(learner, batch, phi, power_iters).tolist()
+    lowest, radius = extreme_curvatures(learner, batch, phi, power_iters)
+    curvature = lowest.tolist()
     cg, _, inner_norm = learner.solve_implicit(batch, phi)
     relative = (cg.residual / cg.residual_norms[0]).tolist()  # CG starts at v = 0: r₀ = b
     failed = cg.failed.tolist()
@@ -103,6 +109,7 @@ def measure(learner: Any, batch: Any, power_iters: int) -> dict[str, Any]:
         "inner_grad_norm_median": statistics.median(inner_norm.tolist()),
         "negative_curvature_median": statistics.median(curvature),
         "negative_curvature_min": min(curvature),
+        "spectral_radius_median": statistics.median(radius.tolist()),
     }
 
 
@@ -169,8 +176,8 @@ def report(out: dict[str, Any]) -> str:
         "",
         "| network | λ | tasks whose CG broke down | CG steps before it (mean) "
         "| ‖b − Av‖/‖b‖ median (max) | ‖∇φ g‖ after K steps (median) "
-        "| negative curvature of H found, median (min) |",
-        "|---|---|---|---|---|---|---|",
+        "| negative curvature of H found, median (min) | spectral radius of H, median |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in out["rows"]:
         steps = r["cg_steps_before_breakdown_mean"]
@@ -179,7 +186,8 @@ def report(out: dict[str, Any]) -> str:
             f"| {'-' if steps is None else f'{steps:.1f}'} "
             f"| {r['relative_residual_median']:.3f} ({r['relative_residual_max']:.3f}) "
             f"| {r['inner_grad_norm_median']:.3g} "
-            f"| {r['negative_curvature_median']:.3g} ({r['negative_curvature_min']:.3g}) |"
+            f"| {r['negative_curvature_median']:.3g} ({r['negative_curvature_min']:.3g}) "
+            f"| {r['spectral_radius_median']:.3g} |"
         )
     return "\n".join(lines) + "\n"
 
