@@ -23,7 +23,6 @@ Writes ``first_order_gap_<ways>way1shot.json`` and ``.md`` into ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,12 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mrmeta._checkpoint import load_checkpoint
-from mrmeta._factory import build_learner, build_model
 from mrmeta.config import TrainConfig
-from mrmeta.data import TaskSampler, load_dataset
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _diagnostic_setup import (  # noqa: E402
+    learner_at,
+    network_states,
+    parser_with_common_options,
+    training_batch,
+    write_results,
+)
 
 
 def meta_gradient(learner: Any, batch: Any) -> Tensor:
@@ -50,27 +53,13 @@ def meta_gradient(learner: Any, batch: Any) -> Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ways", type=int, default=20)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--meta-batch", type=int, default=16)
+    parser = parser_with_common_options(__doc__.split("\n\n")[0])
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--inner-lr", type=float, default=0.1)
-    parser.add_argument("--checkpoint", type=Path, action="append", default=[])
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    train_split = load_dataset("omniglot", "train", root=args.data_root)
-    batch = TaskSampler(train_split, args.ways, args.shots, args.queries, seed=0).sample(
-        args.meta_batch
-    )
-    states: dict[str, dict[str, Tensor] | None] = {"initial network (seed 0)": None}
-    for path in args.checkpoint:
-        states[path.as_posix()] = load_checkpoint(path)["learner"]
+    train_split, batch = training_batch(args)
     rows = []
-    for state_name, state in states.items():
+    for state_name, state in network_states(args.checkpoint).items():
         grads = {}
         started = time.process_time()
         for algo in ("maml", "fomaml"):
@@ -82,13 +71,7 @@ def main() -> None:
                 inner_steps=args.inner_steps,
                 inner_lr=args.inner_lr,
             )
-            torch.manual_seed(0)
-            learner = build_learner(
-                config, build_model(config, tuple(train_split.images.shape[-3:]))
-            )
-            if state is not None:
-                learner.load_state_dict(state)
-            grads[algo] = meta_gradient(learner, batch)
+            grads[algo] = meta_gradient(learner_at(config, train_split, state), batch)
         exact, first = grads["maml"], grads["fomaml"]
         row = {
             "state": state_name,
@@ -108,11 +91,7 @@ def main() -> None:
         "rows": rows,
         "command": " ".join(sys.argv),
     }
-    stem = f"first_order_gap_{out['setting']}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(report(out))
-    print(f"wrote {args.out / stem}.{{json,md}}")
+    write_results(out, f"first_order_gap_{out['setting']}", args.out, report)
 
 
 def report(out: dict[str, Any]) -> str:

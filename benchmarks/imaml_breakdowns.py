@@ -28,7 +28,6 @@ Writes ``imaml_breakdowns_<ways>way1shot.json`` and ``.md`` into ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -39,14 +38,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mrmeta._checkpoint import load_checkpoint
-from mrmeta._factory import build_learner, build_model
 from mrmeta._tree import TensorDict, expand_like, tree_dot, tree_norm
 from mrmeta.config import TrainConfig
-from mrmeta.data import TaskSampler, load_dataset
 from mrmeta.implicit import CGResult, vjp_dict
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _diagnostic_setup import (  # noqa: E402
+    learner_at,
+    network_states,
+    parser_with_common_options,
+    training_batch,
+    write_results,
+)
 
 
 def cg_steps_before_breakdown(cg: CGResult) -> list[int]:
@@ -114,35 +117,18 @@ def measure(learner: Any, batch: Any, power_iters: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ways", type=int, default=20)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--meta-batch", type=int, default=16)
+    parser = parser_with_common_options(__doc__.split("\n\n")[0])
     parser.add_argument("--regs", type=float, nargs="+", default=[0.5, 2.0, 8.0, 16.0])
-    parser.add_argument("--checkpoint", type=Path, action="append", default=[])
     parser.add_argument("--power-iters", type=int, default=20)
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    train_split = load_dataset("omniglot", "train", root=args.data_root)
-    sampler = TaskSampler(train_split, args.ways, args.shots, args.queries, seed=0)
-    batch = sampler.sample(args.meta_batch)
-    states: dict[str, dict[str, torch.Tensor] | None] = {"initial network (seed 0)": None}
-    for path in args.checkpoint:
-        states[path.as_posix()] = load_checkpoint(path)["learner"]
+    train_split, batch = training_batch(args)
     rows = []
-    for state_name, state in states.items():
+    for state_name, state in network_states(args.checkpoint).items():
         for reg in args.regs:
             config = TrainConfig(
                 algo="imaml", ways=args.ways, shots=args.shots, queries=args.queries, reg=reg
             )
-            torch.manual_seed(0)
-            model = build_model(config, tuple(train_split.images.shape[-3:]))
-            learner = build_learner(config, model)
-            if state is not None:
-                learner.load_state_dict(state)
+            learner = learner_at(config, train_split, state)
             started = time.process_time()
             row = {"state": state_name, "reg": reg, **measure(learner, batch, args.power_iters)}
             row["cpu_seconds"] = time.process_time() - started
@@ -158,11 +144,7 @@ def main() -> None:
         "rows": rows,
         "command": " ".join(sys.argv),
     }
-    stem = f"imaml_breakdowns_{out['setting']}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(report(out))
-    print(f"wrote {args.out / stem}.{{json,md}}")
+    write_results(out, f"imaml_breakdowns_{out['setting']}", args.out, report)
 
 
 def report(out: dict[str, Any]) -> str:

@@ -5,10 +5,13 @@ float64 references on a tiny network."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, hessian
@@ -27,6 +30,12 @@ def load(name: str) -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
+
+DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
+needs_omniglot = pytest.mark.skipif(
+    not (DATA_ROOT / "omniglot" / "images_background.npz").exists(),
+    reason="real Omniglot copy not found (set MRMETA_DATA)",
+)
 
 breakdowns = load("imaml_breakdowns")
 first_order_gap = load("first_order_gap")
@@ -153,3 +162,24 @@ def test_first_order_gap_compares_the_exact_and_first_order_gradients() -> None:
     torch.testing.assert_close(exact, sum(grads_exact), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(first, sum(grads_first), rtol=1e-9, atol=1e-12)
     assert torch.nn.functional.cosine_similarity(first, exact, dim=0) < 1 - 1e-6
+
+
+@needs_omniglot
+@pytest.mark.parametrize("script", ["imaml_breakdowns", "first_order_gap"])
+def test_diagnostic_commands_write_their_tables(
+    script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = {"imaml_breakdowns": breakdowns, "first_order_gap": first_order_gap}[script]
+    extra = ["--regs", "0.5", "--power-iters", "2"] if script == "imaml_breakdowns" else []
+    argv = [script, "--ways", "3", "--meta-batch", "2", "--data-root", str(DATA_ROOT)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path), *extra])
+    module.main()
+    written = json.loads((tmp_path / f"{script}_3way1shot.json").read_text())
+    assert [r["state"] for r in written["rows"]] == ["initial network (seed 0)"]
+    row = written["rows"][0]
+    if script == "imaml_breakdowns":
+        assert 0.0 <= row["breakdown_fraction"] <= 1.0 and row["spectral_radius_median"] > 0
+    else:
+        assert -1.0 <= row["cosine"] <= 1.0 and row["exact_norm"] > 0
+    table = (tmp_path / f"{script}_3way1shot.md").read_text()
+    assert "initial network (seed 0)" in table and written["command"] in table
