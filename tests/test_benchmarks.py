@@ -3,31 +3,19 @@ the wall-clock threshold, on made-up measurements whose answers are known by han
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from _benchmark_scripts import BENCHMARKS, load_benchmark
 
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-memory_speed = load("memory_speed")
-fair = load("fair_comparison")
+memory_speed = load_benchmark("memory_speed")
+fair = load_benchmark("fair_comparison")
 sys.path.insert(0, str(BENCHMARKS))
-fair_report = load("fair_report")
+fair_report = load_benchmark("fair_report")
 
 
 def test_interleaved_rounds_rotate_the_order_and_spare_slow_runs(

@@ -4,32 +4,19 @@ float64 references on a tiny network."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
+from _benchmark_scripts import load_benchmark
 from mrmeta import FOMAML, IMAML, MAML, TaskBatch
 from mrmeta.implicit import CGResult
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 DATA_ROOT = Path(os.environ.get("MRMETA_DATA") or "/nonexistent/mrmeta-data")
 needs_omniglot = pytest.mark.skipif(
@@ -37,8 +24,8 @@ needs_omniglot = pytest.mark.skipif(
     reason="real Omniglot copy not found (set MRMETA_DATA)",
 )
 
-breakdowns = load("imaml_breakdowns")
-first_order_gap = load("first_order_gap")
+breakdowns = load_benchmark("imaml_breakdowns")
+first_order_gap = load_benchmark("first_order_gap")
 
 
 def tiny_model() -> nn.Module:

@@ -119,6 +119,31 @@ def test_several_processes_without_the_flag_are_refused(
     assert code == 2 and "add --distributed" in err and not (tmp_path / "run").exists()
 
 
+_EXIT_CHILD = """
+import atexit, sys
+from mrmeta import distributed
+atexit.register(lambda: print("teardown ran", flush=True))
+distributed._joined_process_group = {joined}
+print("result written", end="")
+distributed.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_exit_process_skips_the_teardown_only_after_joining_a_group(joined: bool) -> None:
+    """A rank that joined a process group leaves with its status and its output flushed, but
+    without the interpreter's teardown (atexit handlers stand for it here); any other process
+    exits normally."""
+    child = _EXIT_CHILD.format(joined=joined)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, env=buffered
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("result written")
+    assert ("teardown ran" in done.stdout) is not joined
+
+
 # --------------------------------------------------------------------------- real gloo group
 def _free_port() -> int:
     with socket.socket() as sock:

@@ -1,7 +1,5 @@
 """``python -m mrmeta`` runs the command-line tool."""
 
-import sys
+from mrmeta.cli import run
 
-from mrmeta.cli import main
-
-sys.exit(main())
+run()
