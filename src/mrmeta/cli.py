@@ -246,9 +246,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.resume:  # what is given again must match the run (see mrmeta.train.resumed_config)
         settings = given_settings(args)
         try:
-            result = train(
-                None, args.out, resume=True, overrides=settings, progress=not args.quiet
-            )
+            result = train(None, args.out, resume=True, overrides=settings, progress=not args.quiet)
         except ConfigError as err:  # name the settings as the flags the user typed
             raise err.renamed(lambda key: _flag(key) if key in settings else key) from None
     else:
@@ -256,8 +254,10 @@ def _run_train(args: argparse.Namespace) -> None:
     if "test_accuracy" not in result:  # a rank other than 0 of a distributed run
         return
     if result["test_accuracy"] is None:
-        print(f"no test (--test-tasks 0); best validation accuracy "
-              f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}")
+        print(
+            f"no test (--test-tasks 0); best validation accuracy "
+            f"{100 * result['best_val_accuracy']:.2f}%; results in {args.out}"
+        )
         return
     accuracy = format_accuracy(
         result["test_accuracy"], result["test_ci95"], result["test_tasks"], result["test_protocol"]
