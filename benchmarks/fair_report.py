@@ -176,14 +176,21 @@ def cost_line(cost: dict[str, Any]) -> str:
     )
 
 
+def _chosen_baselines(long: dict[str, Any]) -> str:
+    """The words for the baselines the long stage ran besides mrml: "the baseline" or "the N
+    baselines"."""
+    baselines = long.get("baselines", [r["row"] for r in long["runs"] if r["row"] != "mrml"])
+    return "the baseline" if len(baselines) == 1 else f"the {len(baselines)} baselines"
+
+
 def long_markdown(long: dict[str, Any]) -> list[str]:
     """The long-budget rows: one seed each, tested once under both protocols."""
     hours = long["budget_cpu_seconds"] / 3600
     out = [
         f"## Long budget ({hours:g} h of training CPU time, seed 0)",
         "",
-        f"Command: `{long['command']}`; the baselines are the two with the best mean validation "
-        "accuracy in the final stage. 95% CI over the test tasks.",
+        f"Command: `{long['command']}`; besides mrml, {_chosen_baselines(long)} with the best "
+        "mean validation accuracy in the final stage. 95% CI over the test tasks.",
         "",
         "| row | iterations | best val | test, native | test, frozen backbone |",
         "|---|---|---|---|---|",

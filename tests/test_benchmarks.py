@@ -233,7 +233,8 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
     (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
     args = fair.argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, validations=30, test_tasks=600, runs=tmp_path / "runs", workers=2,
+        long_budget=3600.0, long_baselines=2, validations=30, test_tasks=600,
+        runs=tmp_path / "runs", workers=2,
     )  # fmt: skip
     with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
         fair.long(args)  # no final stage yet: nothing to choose the baselines on
@@ -257,3 +258,35 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
         assert options["test_tasks"] == 600 and options["seed"] == 0 and options["threads"] == 1
     written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
     assert [r["row"] for r in written["runs"]] == ["mrml", "imaml", "anil"]
+    assert written["baselines"] == ["imaml", "anil"]
+
+
+def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fair, "RESULTS", tmp_path)
+    selected = {m: {"lr": 0.001} for m in fair.GRIDS}
+    (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
+    final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
+    (tmp_path / "fair_final_5way1shot.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in final)
+    )
+    ran: list[str] = []
+
+    def fake_run(job: dict, _: object) -> dict:
+        ran.append(job["row"])
+        return {**job, "result": {"test_accuracy": 0.9, "test_ci95": 0.01}}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    args = fair.argparse.Namespace(
+        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
+        long_budget=3600.0, long_baselines=1, validations=30, test_tasks=600,
+        runs=tmp_path / "runs", workers=2,
+    )  # fmt: skip
+    fair.long(args)
+    assert ran == ["mrml", "anil"]
+    args.long_baselines = 2
+    fair.long(args)  # resumes by job name: only the second baseline is new
+    assert ran == ["mrml", "anil", "maml"]
+    written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
+    assert [r["row"] for r in written["runs"]] == ["mrml", "anil", "maml"]
