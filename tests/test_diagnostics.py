@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -170,3 +171,58 @@ def test_diagnostic_commands_write_their_tables(
         assert -1.0 <= row["cosine"] <= 1.0 and row["exact_norm"] > 0
     table = (tmp_path / f"{script}_3way1shot.md").read_text()
     assert "initial network (seed 0)" in table and written["command"] in table
+
+
+frozen_step = load_benchmark("frozen_protocol_step")
+
+
+@pytest.mark.data
+@needs_omniglot
+def test_frozen_protocol_step_matches_the_protocol_and_a_dense_curvature_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mrmeta._checkpoint import load_checkpoint
+    from mrmeta._factory import build_learner, build_model
+    from mrmeta._per_task import task_features
+    from mrmeta.cli import main as cli_main
+    from mrmeta.config import TrainConfig
+    from mrmeta.data import TaskSampler, load_dataset
+    from mrmeta.evaluate import backbone_of, evaluate
+
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "omniglot", "--data-root", str(DATA_ROOT), "--ways", "3"]
+    train += ["--queries", "2", "--meta-batch", "2", "--hidden", "8", "--iterations", "2"]
+    train += ["--val-every", "2", "--val-tasks", "2", "--test-tasks", "2", "--threads", "1"]
+    assert cli_main([*train, "--out", str(run), "--quiet"]) == 0
+    argv = ["frozen_protocol_step", "--ways", "3", "--queries", "2", "--tasks", "40"]
+    argv += ["--data-root", str(DATA_ROOT), "--checkpoint", str(run / "last.pt")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--setting", "20", "0.05", "--out", str(tmp_path)])
+    frozen_step.main()
+    row = json.loads((tmp_path / "frozen_protocol_step_3way1shot.json").read_text())
+    row = row["checkpoints"][0]
+    assert row["algo"] == "mrml" and row["iteration"] == 2
+
+    # the same 40 validation tasks (seed 0, batches of 32 then 8), tested by evaluate()
+    split = load_dataset("omniglot", "val", root=str(DATA_ROOT))
+    state = load_checkpoint(run / "last.pt")
+    config = TrainConfig.from_saved(state["config"], source="test")
+    learner = build_learner(config, build_model(config, tuple(split.images.shape[-3:])))
+    learner.load_state_dict(state["learner"])
+    sampler = TaskSampler(split, 3, 1, 2, seed=0)
+    reference = evaluate(learner, sampler.sample, tasks=40, protocol="frozen-backbone")
+    assert row["accuracy"][0]["accuracy"] == pytest.approx(reference.mean, abs=1e-6)
+
+    # 2 / L_t against the largest eigenvalue of ½ AᵀA / n, A = [Z, 1], in float64
+    sampler = TaskSampler(split, 3, 1, 2, seed=0)
+    steps, norms = [], []
+    with torch.no_grad():
+        for size in (32, 8):
+            z = task_features(backbone_of(learner), sampler.sample(size).support_x).double()
+            a = torch.cat([z, torch.ones(*z.shape[:-1], 1, dtype=z.dtype)], dim=-1)
+            top = torch.linalg.eigvalsh(a.mT @ a)[..., -1] * 0.5 / a.shape[1]
+            steps += (2.0 / top).tolist()
+            norms += z.norm(dim=-1).mean(dim=1).tolist()
+    assert row["stable_step_median"] == pytest.approx(statistics.median(steps), rel=1e-4)
+    assert row["feature_norm_mean"] == pytest.approx(statistics.mean(norms), rel=1e-5)
+    table = (tmp_path / "frozen_protocol_step_3way1shot.md").read_text()
+    assert "| mrml | 2 |" in table and "20 steps of 0.05" in table
