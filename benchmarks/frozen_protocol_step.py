@@ -19,24 +19,25 @@ read)::
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from _diagnostic_setup import parser_with_common_options, write_results
+from _diagnostic_setup import learner_at, parser_with_common_options, write_results
 
 from mrmeta._checkpoint import load_checkpoint
-from mrmeta._factory import build_learner, build_model
 from mrmeta._per_task import task_features
 from mrmeta.config import TrainConfig
 from mrmeta.data import FewShotDataset, TaskSampler, load_dataset
 from mrmeta.evaluate import backbone_of, frozen_backbone_predict
 from mrmeta.lower_level import linear_head_lipschitz
 
-PROTOCOL_STEP = (20, 0.05)
-"""The protocol's own ``(steps, lr)``: the defaults of :func:`frozen_backbone_predict`."""
+_PROTOCOL_DEFAULTS = inspect.signature(frozen_backbone_predict).parameters
+PROTOCOL_STEP = (_PROTOCOL_DEFAULTS["steps"].default, _PROTOCOL_DEFAULTS["lr"].default)
+"""The protocol's own ``(steps, lr)``, read from :func:`frozen_backbone_predict`'s defaults."""
 
 
 def measure_checkpoint(
@@ -49,10 +50,7 @@ def measure_checkpoint(
     backbone saved in ``path``, on ``args.tasks`` validation tasks (seed 0, batches of 32)."""
     state = load_checkpoint(path)
     config = TrainConfig.from_saved(state["config"], source=str(path))
-    torch.manual_seed(0)
-    learner = build_learner(config, build_model(config, tuple(split.images.shape[-3:])))
-    learner.load_state_dict(state["learner"])
-    backbone = backbone_of(learner)
+    backbone = backbone_of(learner_at(config, split, state["learner"]))
     sampler = TaskSampler(split, args.ways, args.shots, args.queries, seed=0)
     batches = [sampler.sample(min(32, args.tasks - i)) for i in range(0, args.tasks, 32)]
     norms, bounds = [], []
