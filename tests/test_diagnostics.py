@@ -226,3 +226,58 @@ def test_frozen_protocol_step_matches_the_protocol_and_a_dense_curvature_bound(
     assert row["feature_norm_mean"] == pytest.approx(statistics.mean(norms), rel=1e-5)
     table = (tmp_path / "frozen_protocol_step_3way1shot.md").read_text()
     assert "| mrml | 2 |" in table and "20 steps of 0.05" in table
+
+
+def test_run_trajectory_summarises_the_training_records_between_validations(
+    tmp_path: Path,
+) -> None:
+    """Blocks end at each validation; means skip missing and non-finite values; the records
+    after the last validation form a last block; a torn last line is skipped. Expected values
+    are worked out by hand from the records below."""
+    trajectory = load_benchmark("run_trajectory")
+
+    def train(it: int, loss: float, breakdowns: float | None, norm_max: float | None) -> str:
+        return json.dumps(
+            {
+                "kind": "train",
+                "iteration": it,
+                "train_cpu_seconds": 10.0 * it,
+                "loss": loss,
+                "accuracy": 0.5,
+                "inner_grad_norm": 0.1 * it,
+                "inner_grad_norm_max": norm_max,
+                "cg_breakdowns": breakdowns,
+                "cg_residual": None,
+            }
+        )
+
+    lines = [
+        train(1, 1.0, 0.0, 0.4),
+        train(2, 3.0, 0.5, 0.9),
+        json.dumps({"kind": "val", "iteration": 2, "accuracy": 0.8}),
+        train(3, float("inf"), 1.0, None),
+        train(4, 2.0, None, 0.2),
+        train(5, 4.0, 0.5, 0.3),
+        json.dumps({"kind": "val", "iteration": 5, "accuracy": 0.6}),
+        train(6, 5.0, 1.0, 7.0),
+        '{"kind": "train", "iteration": 7, "lo',
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    rows = trajectory.trajectory(trajectory.read_records(tmp_path))
+
+    assert [(r["first_iteration"], r["last_iteration"]) for r in rows] == [(1, 2), (3, 5), (6, 6)]
+    assert [r["loss"] for r in rows] == pytest.approx([2.0, 3.0, 5.0])
+    assert [r["cg_breakdowns"] for r in rows] == pytest.approx([0.25, 0.75, 1.0])
+    assert [r["inner_grad_norm"] for r in rows] == pytest.approx([0.15, 0.4, 0.6])
+    assert [r["inner_grad_norm_max"] for r in rows] == pytest.approx([0.9, 0.3, 7.0])
+    assert [r["cg_residual"] for r in rows] == [None, None, None]
+    assert [r["val_accuracy"] for r in rows] == [0.8, 0.6, None]
+    assert [r["train_cpu_seconds"] for r in rows] == [20.0, 50.0, 60.0]
+
+    out = tmp_path / "results" / "trajectory.json"
+    trajectory.main([str(tmp_path), "--out", str(out)])
+    assert json.loads(out.read_text())["blocks"] == json.loads(json.dumps(rows))
+    table = out.with_suffix(".md").read_text()
+    assert "| 3–5 | 50 | 3.000 | 0.500 | 0.400 | 0.300 | 0.75 | – | 60.00% |" in table
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        trajectory.main([str(tmp_path / "missing"), "--out", str(out)])
