@@ -24,8 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fair_comparison import read_log  # noqa: E402
 
 SUMMED = ("loss", "accuracy", "inner_grad_norm", "cg_breakdowns", "cg_residual")
 
@@ -35,13 +39,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"{run_dir}: no metrics.jsonl; pass the folder of an mrmeta train run")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_log(path)
 
 
 def _mean_of(block: list[dict[str, Any]], key: str) -> float | None:
