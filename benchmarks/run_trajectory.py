@@ -22,13 +22,13 @@ Writes ``NAME.json`` and ``NAME.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _diagnostic_setup import write_results  # noqa: E402
 from fair_comparison import read_log  # noqa: E402
 
 SUMMED = ("loss", "accuracy", "inner_grad_norm", "cg_breakdowns", "cg_residual")
@@ -80,17 +80,18 @@ def _cell(value: Any, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+def markdown(out: dict[str, Any]) -> str:
+    """The blocks as a Markdown table, with the command that wrote them."""
     lines = [
-        f"# Training trajectory of `{run_dir.name}`",
+        f"# Training trajectory of `{out['run']}`",
         "",
-        "Means over the training records between two validations (`benchmarks/run_trajectory.py`).",
+        f"Means over the training records between two validations. Command: `{out['command']}`",
         "",
         "| iterations | CPU s | loss | accuracy | mean ‖∇φ g‖ | max ‖∇φ g‖ | CG breakdowns "
         "| CG residual | validation |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in out["blocks"]:
         val = row["val_accuracy"]
         lines.append(
             f"| {row['first_iteration']}–{row['last_iteration']} "
@@ -110,10 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = trajectory(read_records(args.run_dir))
     if not rows:
         raise SystemExit(f"{args.run_dir}: metrics.jsonl has no training records yet")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"run": args.run_dir.name, "blocks": rows}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(args.run_dir, rows))
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["benchmarks/run_trajectory.py", *given])
+    out = {"run": args.run_dir.name, "blocks": rows, "command": command}
+    write_results(out, args.out.stem, args.out.parent, markdown)
 
 
 if __name__ == "__main__":

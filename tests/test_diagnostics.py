@@ -276,8 +276,11 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
 
     out = tmp_path / "results" / "trajectory.json"
     trajectory.main([str(tmp_path), "--out", str(out)])
-    assert json.loads(out.read_text())["blocks"] == json.loads(json.dumps(rows))
+    written = json.loads(out.read_text())
+    assert written["blocks"] == json.loads(json.dumps(rows))
+    assert written["command"] == f"benchmarks/run_trajectory.py {tmp_path} --out {out}"
     table = out.with_suffix(".md").read_text()
+    assert written["command"] in table
     assert "| 3–5 | 50 | 3.000 | 0.500 | 0.400 | 0.300 | 0.75 | – | 60.00% |" in table
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         trajectory.main([str(tmp_path / "missing"), "--out", str(out)])
