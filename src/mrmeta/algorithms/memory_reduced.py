@@ -78,7 +78,8 @@ class MemoryReduced(HeadLearner):
     former default of 200 gradient steps of size ``1/L`` the head's gradient norm at ``φ^K`` was
     still about 0.12 (Omniglot 5-way 1-shot) and 0.4 (20-way); Newton with exact directions
     (the head problem's Hessian is ``μI`` plus a term of rank ≤ n·C) reaches ``1e-6`` in about
-    5–8 iterations (``inner_iterations`` and ``inner_grad_norm`` in the step's statistics).
+    3–5 iterations from its ray start (5–8 from zero; :func:`mrmeta.lower_level.newton_solve`;
+    ``inner_iterations`` and ``inner_grad_norm`` in the step's statistics).
     The paper's configuration is ``inner_solver="gd", inner_steps=20, cg_iters=20,
     exact_v=False`` with a fixed ``inner_lr`` (0.1 or 0.05) and ``l2=0`` in the authors' code
     (docs/method.md §6.1).
