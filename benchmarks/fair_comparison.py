@@ -14,7 +14,9 @@ Every method goes through the same protocol (docs/design.md, "Fair comparisons")
   ``--long-baselines`` (default two) baselines with the best mean validation accuracy in the
   final stage, tested once.
 * ``cost``: seconds per meta-iteration of mrml and ANIL at their defaults, interleaved in one
-  process with one thread, as a median of paired per-round ratios.
+  process with one thread, as a median of paired per-round ratios; also the part of mrml's
+  iteration spent in its head work (the lower-level solve and the hypergradient), which says
+  how much of a difference comes from the head and how much from the shared backbone.
 * ``report``: tables, the targets of the issue with their margins, and learning curves.
 
 Every run is one ``python -m mrmeta train`` subprocess with ``--threads 1``, two at a time on
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -385,11 +388,31 @@ def frozen_backbone_test(run_dir: Path, args: argparse.Namespace) -> dict[str, A
     return {"stdout": done.stdout.strip().splitlines()[-1]}
 
 
+class Stopwatch:
+    """The seconds spent inside the callables it wrapped (:meth:`wrap`), all together."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
 def cost(args: argparse.Namespace) -> None:
-    """Stage 3: s/it of mrml and ANIL at their defaults, interleaved, paired ratios."""
+    """Stage 3: s/it of mrml and ANIL at their defaults, interleaved, paired ratios; and
+    mrml's head work per iteration (its lower-level solves and hypergradients, timed inside
+    the same rounds)."""
     import torch
 
     from mrmeta._factory import build_learner, build_model, build_optimizer
+    from mrmeta.algorithms import memory_reduced
     from mrmeta.config import TrainConfig
     from mrmeta.data import TaskSampler, load_dataset
 
@@ -405,19 +428,34 @@ def cost(args: argparse.Namespace) -> None:
         model = build_model(config, tuple(train_split.images.shape[-3:]))
         learner = build_learner(config, model)
         learners[name] = (learner, build_optimizer(config, learner))
+    # mrml's head work: its solve (an instance attribute over the method) and the module's
+    # hypergradient function, which only the mrml learners call.
+    head_watch = Stopwatch()
+    memory_reduced.head_hypergradient = head_watch.wrap(memory_reduced.head_hypergradient)
+    for name, (learner, _) in learners.items():
+        if name != "anil":
+            learner.solve = head_watch.wrap(learner.solve)  # type: ignore[method-assign]
     sampler = TaskSampler(train_split, args.ways, args.shots, args.queries, seed=0)
     batches = [sampler.sample(args.meta_batch) for _ in range(args.cost_iterations)]
     times: dict[str, list[float]] = {a: [] for a in learners}
+    head_times: dict[str, list[float]] = {a: [] for a in learners if a != "anil"}
     for r in range(args.cost_rounds):
         order = list(learners) if r % 2 == 0 else list(reversed(learners))
         for algo in order:
             learner, optimizer = learners[algo]
+            head_before = head_watch.seconds
             started = time.perf_counter()
             for batch in batches:
                 learner.meta_step(batch, optimizer)
             times[algo].append((time.perf_counter() - started) / len(batches))
+            if algo in head_times:
+                head_times[algo].append((head_watch.seconds - head_before) / len(batches))
     ratios = [m / a for m, a in zip(times["mrml"], times["anil"], strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    rest = [
+        (m - h) / a
+        for m, h, a in zip(times["mrml"], head_times["mrml"], times["anil"], strict=True)
+    ]
     out = {
         "setting": _setting(args),
         "rounds": args.cost_rounds,
@@ -425,6 +463,11 @@ def cost(args: argparse.Namespace) -> None:
         "seconds_per_iteration": times,
         "ratio_median": statistics.median(ratios),
         "ratio_quartiles": [q[0], q[2]],
+        "mrml_head_seconds_per_iteration": head_times,
+        "mrml_head_share_median": statistics.median(
+            h / m for h, m in zip(head_times["mrml"], times["mrml"], strict=True)
+        ),
+        "mrml_without_head_ratio_median": statistics.median(rest),
         "command": " ".join(sys.argv),
     }
     if args.cost_cg_v:
@@ -435,7 +478,9 @@ def cost(args: argparse.Namespace) -> None:
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(
         f"mrml / ANIL s/it: median {out['ratio_median']:.3f} "
-        f"(quartiles {q[0]:.3f}-{q[2]:.3f}); wrote {path}"
+        f"(quartiles {q[0]:.3f}-{q[2]:.3f}); mrml's head work "
+        f"{out['mrml_head_share_median']:.1%} of its iteration; mrml without it / ANIL: "
+        f"median {out['mrml_without_head_ratio_median']:.3f}; wrote {path}"
     )
 
 

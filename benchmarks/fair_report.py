@@ -168,11 +168,19 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
 
 
 def cost_line(cost: dict[str, Any]) -> str:
+    """The cost target's line; with mrml's head work where the cost stage measured it."""
     ratio, (q1, q3) = cost["ratio_median"], cost["ratio_quartiles"]
     verdict = "holds" if ratio <= 1 else f"missed by {100 * (ratio - 1):.1f}%"
+    head = ""
+    if "mrml_head_share_median" in cost:
+        head = (
+            f"; mrml's head work (solve and hypergradient) {cost['mrml_head_share_median']:.1%}"
+            f" of its iteration, mrml without it / ANIL "
+            f"{cost['mrml_without_head_ratio_median']:.3f}"
+        )
     return (
         f"cost per iteration: mrml / ANIL s/it median of paired ratios {ratio:.3f} "
-        f"(quartiles {q1:.3f}–{q3:.3f}, {cost['rounds']} rounds; target ≤ 1): {verdict}"
+        f"(quartiles {q1:.3f}–{q3:.3f}, {cost['rounds']} rounds{head}; target ≤ 1): {verdict}"
     )
 
 

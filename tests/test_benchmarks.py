@@ -129,7 +129,32 @@ def test_fair_report_targets_and_margins() -> None:
     assert "+3.00 points" in lines[0] and lines[0].endswith("holds")
     assert lines[1].endswith("holds")
     assert "1.00e-07" in lines[2] and lines[2].endswith("holds")
-    assert lines[3].endswith("missed by 5.0%")
+    assert lines[3].endswith("missed by 5.0%") and "head work" not in lines[3]
+    cost.update(mrml_head_share_median=0.0625, mrml_without_head_ratio_median=0.985)
+    line = fair_report.targets(summary, cost)[3]
+    assert "head work (solve and hypergradient) 6.2% of its iteration" in line
+    assert "without it / ANIL 0.985" in line and line.endswith("missed by 5.0%")
+
+
+def test_stopwatch_counts_the_time_inside_its_wrapped_calls_even_when_they_raise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = {"t": 0.0}
+    monkeypatch.setattr(fair.time, "perf_counter", lambda: clock["t"])
+
+    def work(seconds: float) -> float:
+        clock["t"] += seconds
+        if seconds > 1:
+            raise RuntimeError("too long")
+        return seconds
+
+    watch = fair.Stopwatch()
+    timed = watch.wrap(work)
+    assert timed(0.25) == 0.25 and timed(seconds=0.5) == 0.5
+    clock["t"] += 10.0  # time outside the wrapped calls is not counted
+    with pytest.raises(RuntimeError, match="too long"):
+        timed(2.0)
+    assert watch.seconds == 2.75
 
 
 def test_fair_report_calls_a_tie_a_tie() -> None:
