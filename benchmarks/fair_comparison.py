@@ -405,6 +405,28 @@ class Stopwatch:
         return timed
 
 
+def cost_rounds(
+    learners: dict[str, tuple[Any, Any]], batches: list[Any], rounds: int, head_watch: Stopwatch
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per round, each learner's seconds per meta-iteration over ``batches`` (the order
+    reversed every other round), and for every learner but ANIL the seconds per iteration
+    ``head_watch`` counted meanwhile."""
+    times: dict[str, list[float]] = {a: [] for a in learners}
+    head_times: dict[str, list[float]] = {a: [] for a in learners if a != "anil"}
+    for r in range(rounds):
+        order = list(learners) if r % 2 == 0 else list(reversed(learners))
+        for algo in order:
+            learner, optimizer = learners[algo]
+            head_before = head_watch.seconds
+            started = time.perf_counter()
+            for batch in batches:
+                learner.meta_step(batch, optimizer)
+            times[algo].append((time.perf_counter() - started) / len(batches))
+            if algo in head_times:
+                head_times[algo].append((head_watch.seconds - head_before) / len(batches))
+    return times, head_times
+
+
 def cost(args: argparse.Namespace) -> None:
     """Stage 3: s/it of mrml and ANIL at their defaults, interleaved, paired ratios; and
     mrml's head work per iteration (its lower-level solves and hypergradients, timed inside
@@ -430,26 +452,21 @@ def cost(args: argparse.Namespace) -> None:
         learners[name] = (learner, build_optimizer(config, learner))
     # mrml's head work: its solve (an instance attribute over the method) and the module's
     # hypergradient function, which only the mrml learners call.
+    # Restored afterwards, so that nothing else in the process is timed.
     head_watch = Stopwatch()
-    memory_reduced.head_hypergradient = head_watch.wrap(memory_reduced.head_hypergradient)
+    hypergradient = memory_reduced.head_hypergradient
+    memory_reduced.head_hypergradient = head_watch.wrap(hypergradient)
     for name, (learner, _) in learners.items():
         if name != "anil":
             learner.solve = head_watch.wrap(learner.solve)  # type: ignore[method-assign]
     sampler = TaskSampler(train_split, args.ways, args.shots, args.queries, seed=0)
     batches = [sampler.sample(args.meta_batch) for _ in range(args.cost_iterations)]
-    times: dict[str, list[float]] = {a: [] for a in learners}
-    head_times: dict[str, list[float]] = {a: [] for a in learners if a != "anil"}
-    for r in range(args.cost_rounds):
-        order = list(learners) if r % 2 == 0 else list(reversed(learners))
-        for algo in order:
-            learner, optimizer = learners[algo]
-            head_before = head_watch.seconds
-            started = time.perf_counter()
-            for batch in batches:
-                learner.meta_step(batch, optimizer)
-            times[algo].append((time.perf_counter() - started) / len(batches))
-            if algo in head_times:
-                head_times[algo].append((head_watch.seconds - head_before) / len(batches))
+    try:
+        times, head_times = cost_rounds(learners, batches, args.cost_rounds, head_watch)
+    finally:
+        memory_reduced.head_hypergradient = hypergradient
+        for learner, _ in learners.values():
+            learner.__dict__.pop("solve", None)
     ratios = [m / a for m, a in zip(times["mrml"], times["anil"], strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     rest = [
@@ -468,6 +485,7 @@ def cost(args: argparse.Namespace) -> None:
             h / m for h, m in zip(head_times["mrml"], times["mrml"], strict=True)
         ),
         "mrml_without_head_ratio_median": statistics.median(rest),
+        "meta_batch": args.meta_batch,
         "command": " ".join(sys.argv),
     }
     if args.cost_cg_v:

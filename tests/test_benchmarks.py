@@ -315,3 +315,34 @@ def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_ne
     assert ran == ["mrml", "anil", "maml"]
     written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
     assert [r["row"] for r in written["runs"]] == ["mrml", "anil", "maml"]
+
+
+def test_cost_rounds_alternate_the_order_and_attribute_head_time_to_its_learner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = {"t": 0.0}
+    monkeypatch.setattr(fair.time, "perf_counter", lambda: clock["t"])
+    watch = fair.Stopwatch()
+    calls: list[str] = []
+
+    class FakeLearner:
+        """A meta-step of ``total`` seconds, ``head`` of them inside the watched call."""
+
+        def __init__(self, name: str, total: float, head: float) -> None:
+            self.name, self.total, self.head = name, total, head
+            self.solve = watch.wrap(lambda: clock.__setitem__("t", clock["t"] + self.head))
+
+        def meta_step(self, batch: object, optimizer: object) -> None:
+            calls.append(self.name)
+            clock["t"] += self.total - self.head
+            if self.head:
+                self.solve()
+
+    learners = {
+        "mrml": (FakeLearner("mrml", 3.0, 0.25), None),
+        "anil": (FakeLearner("anil", 2.5, 0.0), None),
+    }
+    times, head = fair.cost_rounds(learners, [object(), object()], 3, watch)
+    assert calls == ["mrml"] * 2 + ["anil"] * 2 + ["anil"] * 2 + ["mrml"] * 4 + ["anil"] * 2
+    assert times == {"mrml": [3.0] * 3, "anil": [2.5] * 3}
+    assert head == {"mrml": [0.25] * 3}

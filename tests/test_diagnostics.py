@@ -27,6 +27,7 @@ needs_omniglot = pytest.mark.skipif(
 
 breakdowns = load_benchmark("imaml_breakdowns")
 first_order_gap = load_benchmark("first_order_gap")
+newton_start = load_benchmark("newton_start")
 
 
 def tiny_model() -> nn.Module:
@@ -153,12 +154,20 @@ def test_first_order_gap_compares_the_exact_and_first_order_gradients() -> None:
 
 
 @needs_omniglot
-@pytest.mark.parametrize("script", ["imaml_breakdowns", "first_order_gap"])
+@pytest.mark.parametrize("script", ["imaml_breakdowns", "first_order_gap", "newton_start"])
 def test_diagnostic_commands_write_their_tables(
     script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = {"imaml_breakdowns": breakdowns, "first_order_gap": first_order_gap}[script]
-    extra = ["--regs", "0.5", "--power-iters", "2"] if script == "imaml_breakdowns" else []
+    modules = {
+        "imaml_breakdowns": breakdowns,
+        "first_order_gap": first_order_gap,
+        "newton_start": newton_start,
+    }
+    module = modules[script]
+    extra = {
+        "imaml_breakdowns": ["--regs", "0.5", "--power-iters", "2"],
+        "newton_start": ["--repeats", "1"],
+    }.get(script, [])
     argv = [script, "--ways", "3", "--meta-batch", "2", "--data-root", str(DATA_ROOT)]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path), *extra])
     module.main()
@@ -167,6 +176,10 @@ def test_diagnostic_commands_write_their_tables(
     row = written["rows"][0]
     if script == "imaml_breakdowns":
         assert 0.0 <= row["breakdown_fraction"] <= 1.0 and row["spectral_radius_median"] > 0
+    elif script == "newton_start":  # both starts solve to mrml's tolerance, to the same φ
+        for start in row["starts"].values():
+            assert start["grad_norm_max"] <= written["inner_tol"] and start["iterations_mean"] > 0
+        assert row["solution_difference_max"] < 1e-5
     else:
         assert -1.0 <= row["cosine"] <= 1.0 and row["exact_norm"] > 0
     table = (tmp_path / f"{script}_3way1shot.md").read_text()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev
 
 from mrmeta.lower_level import (
+    RAY_GRID_EXPONENTS,
     AutogradHeadProblem,
     LinearHeadProblem,
     head_hypergradient,
@@ -209,26 +210,30 @@ def _random_center(tasks: int, ways: int, dim: int, seed: int) -> dict[str, Tens
     }
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize(("ways", "shots", "dim"), SHAPES)
 def test_squared_loss_solution_is_the_minimiser_of_the_squared_loss_problem(
-    ways: int, shots: int, dim: int
+    ways: int, shots: int, dim: int, loss: str
 ) -> None:
-    """``squared_loss_solution`` of an MSE problem with a non-zero centre (a learned head
-    start) against the dense reference minimiser of ``L + μ/2 ‖x − c‖²``, in both the ``n`` and
-    the ``d + 1`` space (SHAPES has both)."""
-    zs, ys, _, _ = _task(ways, shots, dim, "mse")
+    """``squared_loss_solution`` with a non-zero centre (a learned head start) against the
+    dense reference minimiser of ``mean (ZWᵀ + b − Ỹ)² + μ/2 ‖x − c‖²``, ``Ỹ`` the targets (mse)
+    or ``onehot(y) − 1/C`` (cross-entropy), in both the ``n`` and the ``d + 1`` space (SHAPES
+    has both). For the squared loss the ray start is then the problem's minimiser."""
+    zs, ys, _, _ = _task(ways, shots, dim, loss)
     center = _random_center(1, ways, dim, seed=3)
-    problem = LinearHeadProblem(zs, ys, center, L2, "mse")
+    problem = LinearHeadProblem(zs, ys, center, L2, loss)
     c = _flat(center)
+    targets = ys[0] if loss == "mse" else F.one_hot(ys[0], ways).to(F64) - 1.0 / ways
 
     def g(x: Tensor) -> Tensor:
         w, b = _unflatten(x, ways, dim)
-        return F.mse_loss(zs[0] @ w.T + b, ys[0]) + 0.5 * L2 * (x - c).pow(2).sum()
+        return F.mse_loss(zs[0] @ w.T + b, targets) + 0.5 * L2 * (x - c).pow(2).sum()
 
     want = _reference_minimiser(g, ways * (dim + 1))
     assert float((_flat(problem.squared_loss_solution()) - want).abs().max()) < PHI_TOL
-    start = problem.newton_start(_random_center(1, ways, dim, seed=5))  # α = 1 is φ* itself
-    assert float((_flat(start) - want).abs().max()) < PHI_TOL
+    if loss == "mse":
+        start = problem.newton_start(_random_center(1, ways, dim, seed=5))  # α = 1: φ* itself
+        assert float((_flat(start) - want).abs().max()) < PHI_TOL
 
 
 @pytest.mark.parametrize("l2", [L2, 1.0])
@@ -239,12 +244,14 @@ def test_newton_start_lies_on_the_ray_is_never_worse_and_is_chosen_per_task(l2: 
     (nothing on the ray is lower) while the others move."""
     ways, dim = 20, 24
     zs = torch.cat([_task(ways, 1, dim, "cross_entropy", seed=s)[0] for s in range(3)])
-    ys = torch.arange(ways).repeat(3, 1)
+    gen = torch.Generator().manual_seed(7)
+    ys = torch.stack([torch.randperm(ways, generator=gen) for _ in range(3)])  # per-task labels
     center = _random_center(3, ways, dim, seed=4)
     problem = LinearHeadProblem(zs, ys, center, l2, "cross_entropy")
     solved, _ = newton_solve(problem, center, tol=1e-11, max_iters=50)
-    away = _random_center(3, ways, dim, seed=6)  # tasks 0 and 1 start away from c
-    phi0 = {k: torch.cat([away[k][:2], solved[k][2:]]) for k in center}  # task 2 at φ*
+    away = _random_center(3, ways, dim, seed=6)  # task 0 starts away from c, task 1 at zero
+    zero = {k: torch.zeros_like(t) for k, t in away.items()}
+    phi0 = {k: torch.cat([away[k][:1], zero[k][1:2], solved[k][2:]]) for k in center}
     start = problem.newton_start(phi0)
     toward = {k: problem.squared_loss_solution()[k] - phi0[k] for k in phi0}
     moved = {k: start[k] - phi0[k] for k in phi0}
@@ -253,15 +260,69 @@ def test_newton_start_lies_on_the_ray_is_never_worse_and_is_chosen_per_task(l2: 
         m = torch.cat([moved[k][t].reshape(-1) for k in moved])
         alpha = float(a @ m / (a @ a))
         assert alpha >= 0 and float((m - alpha * a).norm()) <= 1e-12 * (1 + float(m.norm()))
-    grid = [0.0] + [2.0 ** (k / 2) for k in range(-12, 21)]
+    grid = [0.0] + [2.0 ** (k / 2) for k in RAY_GRID_EXPONENTS]
     on_grid = torch.stack(
         [problem.objective({k: phi0[k] + a * toward[k] for k in phi0}) for a in grid]
     )
     before, after = problem.objective(phi0), problem.objective(start)
     torch.testing.assert_close(after, on_grid.min(0).values, rtol=1e-12, atol=0.0)
+    if l2 == L2:  # from zero the grid's interior is used (α = 2^(5/2) here), not just 0 or 1
+        assert grid[int(on_grid[:, 1].argmin())] not in (0.0, 1.0)
     assert bool((after <= before).all())
     assert bool((after[:2] < before[:2] - 1e-3).all())  # the two cold tasks move down
     assert all(torch.equal(start[k][2], phi0[k][2]) for k in phi0)  # the solved one stays
+
+
+def test_newton_start_is_the_lowest_point_of_the_documented_grid_for_every_task() -> None:
+    """Twelve 20-way tasks with feature scales from 0.3 to 10, labels permuted per task, half
+    of them starting from zero and half from a centre with a large bias: each start has the
+    lowest ``g`` (by ``problem.objective``) over ``φ⁰ + α (Θ_sq − φ⁰)`` on the documented grid,
+    and the chosen α spread over the grid (odd and even exponents both)."""
+    ways, dim, tasks = 20, 24, 12
+    gen = torch.Generator().manual_seed(8)
+    scales = torch.logspace(-0.5, 1.0, tasks, dtype=F64).view(-1, 1, 1)
+    zs = scales * torch.randn(tasks, ways, dim, generator=gen, dtype=F64)
+    ys = torch.stack([torch.randperm(ways, generator=gen) for _ in range(tasks)])
+    zero = {
+        "weight": torch.zeros(tasks, ways, dim, dtype=F64),
+        "bias": torch.zeros(tasks, ways, dtype=F64),
+    }
+    away = _random_center(tasks, ways, dim, seed=9)
+    away["bias"] = 10 * away["bias"]
+    odd = torch.arange(tasks) % 2 == 1
+    phi0 = {k: torch.where(odd.view(-1, *[1] * (t.dim() - 1)), away[k], t) for k, t in zero.items()}
+    # the odd tasks start at their centre (a learned head start), which has a large bias
+    problem = LinearHeadProblem(zs, ys, phi0, L2, "cross_entropy")
+    start = problem.newton_start(phi0)
+    toward = {k: problem.squared_loss_solution()[k] - phi0[k] for k in phi0}
+    grid = [0.0] + [2.0 ** (k / 2) for k in RAY_GRID_EXPONENTS]
+    on_grid = torch.stack(
+        [problem.objective({k: phi0[k] + a * toward[k] for k in phi0}) for a in grid]
+    )
+    torch.testing.assert_close(
+        problem.objective(start), on_grid.min(0).values, rtol=1e-12, atol=0.0
+    )
+    chosen = on_grid.argmin(0).tolist()  # index i ≥ 1 is exponent RAY_GRID_EXPONENTS[i - 1]
+    exponents = {RAY_GRID_EXPONENTS[i - 1] for i in chosen if i > 0}
+    assert len(exponents) >= 4 and {e % 2 for e in exponents} == {0, 1}
+
+
+def test_newton_start_keeps_the_start_of_a_task_with_non_finite_features() -> None:
+    """A task whose ridge system cannot be factored (NaN features) keeps ``φ⁰``; the other
+    task of the chunk still moves, and nothing raises."""
+    ways, dim = 5, 16
+    zs = torch.cat([_task(ways, 1, dim, "cross_entropy", seed=s)[0] for s in range(2)])
+    zs[1, 0, 0] = torch.nan
+    ys = torch.arange(ways).repeat(2, 1)
+    center = {
+        "weight": torch.zeros(2, ways, dim, dtype=F64),
+        "bias": torch.zeros(2, ways, dtype=F64),
+    }
+    problem = LinearHeadProblem(zs, ys, center, L2, "cross_entropy")
+    assert bool(problem.squared_loss_solution()["weight"][1].isnan().all())
+    start = problem.newton_start(center)
+    assert all(torch.equal(start[k][1], center[k][1]) for k in center)
+    assert float(start["weight"][0].abs().max()) > 0
 
 
 def test_the_ray_start_cuts_newton_iterations_and_ends_at_the_same_minimiser() -> None:

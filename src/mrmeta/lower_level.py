@@ -53,6 +53,10 @@ from mrmeta.inner import gradient_steps
 SOLVERS = ("newton", "gd")
 CG_CAP = 100  # Newton-CG's iterations per direction for heads without closed forms
 SMALL_SYSTEM = 128  # unknowns up to which a Newton system is factored in full precision
+# Newton's start is chosen among α = 0 and α = 2^(k/2) for these k on the ray through the
+# squared-loss solution (LinearHeadProblem.newton_start): steps of √2 from 1/64 to 1024, wide
+# enough for the scales measured on Omniglot (α ≈ 3–18) with room on both sides.
+RAY_GRID_EXPONENTS = tuple(range(-12, 21))
 Solver = Literal["newton", "gd"]
 
 
@@ -356,73 +360,106 @@ class LinearHeadProblem(HeadProblem):
         return 1.0 / linear_head_lipschitz(self.features, self.loss, out_dim, self.l2)
 
     def squared_loss_solution(self) -> TensorDict:
-        r"""The minimiser ``Θ_sq`` of the same problem with the squared loss on targets ``Ỹ``:
-        ``(1/(nC)) ‖Z̃ Θᵀ − Ỹ‖² + μ/2 ‖Θ − c‖²`` (ridge regression; ``Θ = [W, b]``), i.e. ::
+        r"""The minimiser ``Θ_sq`` of the same problem with the squared loss on targets ``Ỹ``
+        (ridge regression on ``Θ = [W, b]`` with centre ``Θ_c = [c_W, c_b]``)::
 
-            Θ_sq = c + (Ỹ − Z̃ c̃ᵀ)ᵀ (G̃ + λI)⁻¹ Z̃ = c + (Ỹ − Z̃ c̃ᵀ)ᵀ Z̃ (Z̃ᵀ Z̃ + λI)⁻¹,
-            λ = nCμ/2
+            (1/(nC)) ‖Z̃ Θᵀ − Ỹ‖² + μ/2 ‖Θ − Θ_c‖²,     λ = nCμ/2,
+            Θ_sq = Θ_c + Rᵀ (G̃ + λI)⁻¹ Z̃ = Θ_c + Rᵀ Z̃ (Z̃ᵀ Z̃ + λI)⁻¹,    R = Ỹ − Z̃ Θ_cᵀ
 
-        solved in whichever of the ``n`` or ``d+1`` spaces is smaller. ``Ỹ`` is the targets for
-        the squared loss (so ``Θ_sq`` is then the problem's exact minimiser ``φ*``) and the
-        centred one-hot labels ``onehot(y) − 1/C`` for cross-entropy. Needs ``μ > 0``.
+        (set the gradient ``(2/(nC)) (Z̃ Θᵀ − Ỹ)ᵀ Z̃ + μ (Θ − Θ_c)`` to zero; the two forms are
+        equal by the push-through identity), solved by Cholesky in whichever of the ``n`` and
+        ``d+1`` spaces is smaller. ``Ỹ`` is the targets for the squared loss (``Θ_sq`` is then
+        the problem's exact minimiser ``φ*``) and the centred one-hot labels ``onehot(y) − 1/C``
+        for cross-entropy.
 
         Returns:
-            ``Θ_sq`` shaped like ``c``: ``(T, C, d)`` and ``(T, C)``.
+            ``Θ_sq`` shaped like the centre: ``(T, C, d)`` and ``(T, C)``; NaN for a task whose
+            system could not be factored (non-finite features).
+
+        Raises:
+            ValueError: without an L2 term (``μ = 0``) the ridge problem has no unique solution.
         """
+        if self.l2 <= 0:
+            raise ValueError("squared_loss_solution needs l2 > 0 (a strongly convex problem)")
         features = _with_ones(self.features)  # Z̃ (T, n, d+1)
-        center = torch.cat([self.center["weight"], self.center["bias"].unsqueeze(-1)], -1)
-        (n, d1), c = features.shape[1:], center.shape[1]
+        center = _stack_head(self.center)  # Θ_c (T, C, d+1)
+        (n, d1), classes = features.shape[1:], center.shape[1]
         if self.loss == "mse":
             targets = self.labels.to(features.dtype)
         else:
-            targets = F.one_hot(self.labels.long(), c).to(features.dtype) - 1.0 / c
-        residual = targets - torch.bmm(features, center.transpose(1, 2))  # Ỹ − Z̃ c̃ᵀ (T, n, C)
-        ridge = n * c * self.l2 / 2
+            onehot = F.one_hot(self.labels.long(), classes).to(features.dtype)
+            targets = onehot - 1.0 / classes
+        residual = targets - torch.bmm(features, center.transpose(1, 2))  # R (T, n, C)
+        ridge = n * classes * self.l2 / 2
         if n <= d1:
-            gram = torch.bmm(features, features.transpose(1, 2))
+            gram = torch.bmm(features, features.transpose(1, 2))  # G̃ (T, n, n)
             gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
-            step = torch.bmm(torch.linalg.solve(gram, residual).transpose(1, 2), features)
+            factor, failed = torch.linalg.cholesky_ex(gram)
+            coefficients = torch.cholesky_solve(residual, factor)
+            step = torch.bmm(coefficients.transpose(1, 2), features)
         else:
-            gram = torch.bmm(features.transpose(1, 2), features)
+            gram = torch.bmm(features.transpose(1, 2), features)  # Z̃ᵀ Z̃ (T, d+1, d+1)
             gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
-            step = torch.linalg.solve(gram, torch.bmm(features.transpose(1, 2), residual))
-            step = step.transpose(1, 2)
-        solution = center + step
-        return {"weight": solution[..., :-1], "bias": solution[..., -1]}
+            pulled = torch.bmm(features.transpose(1, 2), residual)  # Z̃ᵀ R (T, d+1, C)
+            factor, failed = torch.linalg.cholesky_ex(gram)
+            step = torch.cholesky_solve(pulled, factor).transpose(1, 2)
+        step = torch.where((failed != 0).view(-1, 1, 1), torch.nan, step)
+        return _split_head(center + step)
 
     def newton_start(self, phi0: Mapping[str, Tensor]) -> TensorDict:
         r"""The best point of a grid on the ray from ``φ⁰`` through the squared-loss solution
         ``Θ_sq`` (:meth:`squared_loss_solution`), per task::
 
-            φ(α) = φ⁰ + α (Θ_sq − φ⁰),    α ∈ {0} ∪ {2^(k/2) : k = −12, …, 20}
+            φ(α) = φ⁰ + α (Θ_sq − φ⁰),    α ∈ A = {0} ∪ {2^(k/2) : k ∈ RAY_GRID_EXPONENTS}
 
-        Along the ray the logits are ``U(α) = U⁰ + α (U_sq − U⁰)`` and the L2 term is a quadratic
-        in ``α``, so all 34 values of ``g_t`` cost one loss evaluation on ``34·T`` tasks. ``α = 0``
-        keeps ``φ⁰`` where nothing on the ray is lower, so ``g_t(φ(α)) ≤ g_t(φ⁰)``; for the
-        squared loss ``α = 1`` is ``φ*``. The cross-entropy minimiser points roughly the same
-        way as ``Θ_sq`` (logits that favour the right class) at a larger scale, which the grid
-        finds: measured on Omniglot 1-shot features (Conv4 at initialisation), Newton from here
-        takes 3.6 iterations per task instead of 8.1 from ``φ⁰ = 0`` at 20-way, 3.6 instead of
-        5.0 at 5-way. Without an L2 term (``μ = 0``) ``φ⁰`` is returned.
+        Along the ray the logits are ``U(α) = U⁰ + α (U_sq − U⁰)`` and the L2 term is the
+        quadratic ``μ/2 (‖o‖² + 2α ⟨o, t⟩ + α² ‖t‖²)`` with ``o = φ⁰ − c``, ``t = Θ_sq − φ⁰``,
+        so all ``|A| = 34`` values of ``g_t`` cost one loss evaluation on ``34·T`` tasks.
+        ``α = 0`` keeps ``φ⁰`` where nothing on the ray is lower (up to rounding,
+        ``g_t(φ(α)) ≤ g_t(φ⁰)``), and also where ``Θ_sq`` or a value on the ray is not finite.
+        For the squared loss ``α = 1`` is ``φ*``; the cross-entropy minimiser points roughly
+        the same way as ``Θ_sq`` at a larger scale, which the grid finds (measured in
+        benchmarks/results/newton_start.md: about half the Newton iterations at 20-way 1-shot).
+
+        Args:
+            phi0: the given start, ``(T, *param_shape)`` per name.
+
+        Returns:
+            ``φ(α_t)`` per task, shaped like ``phi0``; ``φ⁰`` itself when ``μ = 0``.
         """
         phi0 = {k: t.detach() for k, t in phi0.items()}
         if self.l2 <= 0:
             return phi0
-        toward = tree_sub(self.squared_loss_solution(), phi0)
-        alphas = torch.cat([torch.zeros(1), 2.0 ** (torch.arange(-12.0, 21.0) / 2)])
-        alphas = alphas.to(self.features)
-        start_logits = linear_logits(self.features, phi0)  # (T, n, C)
+        toward = tree_sub(self.squared_loss_solution(), phi0)  # t (T, *param_shape)
+        finite = torch.stack([t.flatten(1).isfinite().all(1) for t in toward.values()]).all(0)
+        toward = tree_where(finite, toward, tree_zeros_like(toward), batched=True)
+        exponents = torch.tensor(RAY_GRID_EXPONENTS, dtype=self.features.dtype)
+        alphas = torch.cat([exponents.new_zeros(1), torch.exp2(exponents / 2)])
+        alphas = alphas.to(self.features.device)  # A (|A|,)
+        start_logits = linear_logits(self.features, phi0)  # U⁰ (T, n, C)
         logits_step = linear_logits(self.features, toward)  # U_sq − U⁰ (linear in the step)
-        grid = alphas.view(-1, 1, 1, 1) * logits_step + start_logits  # (A, T, n, C)
+        grid = alphas.view(-1, 1, 1, 1) * logits_step + start_logits  # (|A|, T, n, C)
         labels = self.labels.expand(len(alphas), *self.labels.shape).flatten(0, 1)
         loss = self.logit_loss.value(grid.flatten(0, 1), labels).view(len(alphas), -1)
         offset = tree_sub(phi0, self.center)
-        a = tree_dot(offset, offset, batched=True)
-        b = tree_dot(offset, toward, batched=True)
-        s = tree_dot(toward, toward, batched=True)
-        penalty = 0.5 * self.l2 * (a + 2 * alphas.view(-1, 1) * b + alphas.view(-1, 1) ** 2 * s)
-        best = alphas[(loss + penalty).argmin(0)]  # (T,)
+        offset_sq = tree_dot(offset, offset, batched=True)
+        cross = tree_dot(offset, toward, batched=True)
+        toward_sq = tree_dot(toward, toward, batched=True)
+        column = alphas.view(-1, 1)
+        penalty = 0.5 * self.l2 * (offset_sq + 2 * column * cross + column**2 * toward_sq)
+        values = (loss + penalty).nan_to_num(nan=torch.inf)  # (|A|, T)
+        best = alphas[values.argmin(0)]  # (T,): the first minimum, so ties keep α = 0
         return tree_axpy(best, toward, phi0, batched=True)
+
+
+def _stack_head(phi: Mapping[str, Tensor]) -> Tensor:
+    """``Θ = [W, b]``: ``(T, C, d)`` and ``(T, C)`` → ``(T, C, d + 1)``."""
+    return torch.cat([phi["weight"], phi["bias"].unsqueeze(-1)], -1)
+
+
+def _split_head(stacked: Tensor) -> TensorDict:
+    """The inverse of :func:`_stack_head`."""
+    return {"weight": stacked[..., :-1], "bias": stacked[..., -1]}
 
 
 def linear_logits(features: Tensor, phi: Mapping[str, Tensor]) -> Tensor:
@@ -474,7 +511,7 @@ class _LinearCurvature(Curvature):
     def solve(self, rhs: Mapping[str, Tensor]) -> TensorDict:
         features = _with_ones(self.problem.features)
         factor = self.problem.logit_loss.factor(self.state)
-        stacked = torch.cat([rhs["weight"], rhs["bias"].unsqueeze(-1)], -1)
+        stacked = _stack_head(rhs)
         (n, d1), c = features.shape[1:], factor.shape[-1]
         size = n * c if n <= d1 else c * d1  # the unknowns of the system solved
         # A small system is built and factored in full precision: there that costs less than a
@@ -486,7 +523,7 @@ class _LinearCurvature(Curvature):
             x = _woodbury_solve(features, gram, weights, factor, l2, stacked, precision)
         else:
             x = _dense_solve(features, factor, l2, stacked, precision)
-        return {"weight": x[..., :-1], "bias": x[..., -1]}
+        return _split_head(x)
 
 
 def _woodbury_solve(
@@ -879,6 +916,7 @@ def solve_lower_level(
     max_iters: int,
     tol: float,
     lr: float | Literal["auto"],
+    ray_start: bool = True,
 ) -> tuple[TensorDict, SolveReport]:
     """Solve the chunk's lower level with ``solver`` and report how it went.
 
@@ -894,11 +932,13 @@ def solve_lower_level(
         max_iters: ``K``: Newton's cap, or the number of gradient steps.
         tol: Newton's tolerance on ``‖∇_φ g_t‖`` (the report uses it for ``gd`` too).
         lr: the gradient step (``"gd"`` only).
+        ray_start: Newton starts at ``problem.newton_start(φ⁰)`` (see :func:`newton_solve`).
     """
     check_positive_int("max_iters", max_iters, minimum=0)
     if solver == "newton":
         wide = _in_float64(problem)
-        phi, report = newton_solve(wide, _cast(phi0, torch.float64), tol=tol, max_iters=max_iters)
+        start = _cast(phi0, torch.float64)
+        phi, report = newton_solve(wide, start, tol=tol, max_iters=max_iters, ray_start=ray_start)
         return _cast(phi, problem.features.dtype), report
     step: Tensor | float = problem.step_size() if lr == "auto" else float(lr)
     phi = gradient_steps(problem.gradient, phi0, steps=max_iters, lr=step)
