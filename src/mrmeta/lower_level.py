@@ -30,6 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -344,15 +345,19 @@ class LinearHeadProblem(HeadProblem):
         residual = self.logit_loss.residual(state, query_labels)
         return torch.bmm(residual, phi["weight"]), pull_back(query, residual)
 
+    @cached_property
+    def gram(self) -> Tensor:
+        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` in the features' precision, computed once."""
+        features = _with_ones(self.features)
+        return torch.bmm(features, features.transpose(1, 2))
+
     def logit_gram(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` and ``G̃ ⊗ 1 1ᵀ`` in ``dtype`` ``(T, nC, nC)``, computed once
-        per ``dtype``."""
+        """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` (:attr:`gram`) and ``G̃ ⊗ 1 1ᵀ`` in ``dtype`` ``(T, nC, nC)``,
+        computed once per ``dtype``."""
         if dtype not in self._gram:
-            features = _with_ones(self.features)
-            gram = torch.bmm(features, features.transpose(1, 2))
             c = self.center["weight"].shape[1]
-            weights = gram.to(dtype).repeat_interleave(c, 1).repeat_interleave(c, 2)
-            self._gram[dtype] = (gram, weights)
+            weights = self.gram.to(dtype).repeat_interleave(c, 1).repeat_interleave(c, 2)
+            self._gram[dtype] = (self.gram, weights)
         return self._gram[dtype]
 
     def step_size(self) -> Tensor:
@@ -392,7 +397,7 @@ class LinearHeadProblem(HeadProblem):
         residual = targets - torch.bmm(features, center.transpose(1, 2))  # R (T, n, C)
         ridge = n * classes * self.l2 / 2
         if n <= d1:
-            gram = torch.bmm(features, features.transpose(1, 2))  # G̃ (T, n, n)
+            gram = self.gram.clone()  # G̃ (T, n, n), shared with the Newton solves
             gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
             factor, failed = torch.linalg.cholesky_ex(gram)
             coefficients = torch.cholesky_solve(residual, factor)
@@ -419,7 +424,7 @@ class LinearHeadProblem(HeadProblem):
         ``g_t(φ(α)) ≤ g_t(φ⁰)``), and also where ``Θ_sq`` or a value on the ray is not finite.
         For the squared loss ``α = 1`` is ``φ*``; the cross-entropy minimiser points roughly
         the same way as ``Θ_sq`` at a larger scale, which the grid finds (measured in
-        benchmarks/results/newton_start.md: about half the Newton iterations at 20-way 1-shot).
+        benchmarks/results/newton_start_*.md: about half the Newton iterations at 20-way 1-shot).
 
         Args:
             phi0: the given start, ``(T, *param_shape)`` per name.
