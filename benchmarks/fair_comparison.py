@@ -318,9 +318,11 @@ def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
 
 
 def long(args: argparse.Namespace) -> None:
-    """Stage 4: one long run (``--long-budget`` seconds, seed 0) of mrml and of the
-    ``--long-baselines`` (default two) baselines with the best validation accuracy in the final
-    stage, tested once. Asking for more baselines later adds them to the same log."""
+    """Stage 4: long runs (``--long-budget`` seconds, seeds ``0 .. --long-seeds − 1``) of mrml
+    and of the ``--long-baselines`` (default two) baselines with the best validation accuracy in
+    the final stage, each tested once. ``--long-rows`` runs only those of the chosen rows (the
+    file still lists every row logged). Asking for more baselines or seeds later adds them to
+    the same log; seed 0's run folder keeps its seedless name."""
     tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
     final_runs = read_log(RESULTS / f"fair_final_{_setting(args)}.jsonl")
     baselines = best_baselines(final_runs, args.long_baselines)
@@ -330,30 +332,24 @@ def long(args: argparse.Namespace) -> None:
             f"'final --ways {args.ways}' first (the long rows are chosen on its validation)"
         )
     chosen = ["mrml", *baselines]
-    jobs = []
-    for name in chosen:
-        config = tuning["selected"][name]
-        options = {
-            **_common(args),
-            "algo": name,
-            **config,
-            "seed": 0,
-            "time_budget": args.long_budget,
-            "val_every_seconds": args.long_budget / args.validations,
-            "test_tasks": args.test_tasks,
-        }
-        jobs.append(
-            {
-                "frozen_backbone_test": True,
-                "name": f"long {name} seed 0",
-                "row": name,
-                "seed": 0,
-                "config": config,
-                "options": options,
-                "run_dir": str(args.runs / f"long-{_setting(args)}-{name}"),
-            }
+    only = args.long_rows or chosen
+    if unknown := [name for name in only if name not in chosen]:
+        raise SystemExit(
+            f"long: --long-rows {' '.join(unknown)} is not among this setting's long rows "
+            f"({', '.join(chosen)}); pick from those"
         )
-    results = run_all(jobs, args, RESULTS / f"fair_long_{_setting(args)}.jsonl")
+    jobs = [
+        _long_job(name, seed, tuning["selected"][name], args)
+        for seed in range(args.long_seeds)
+        for name in chosen
+    ]
+    log = RESULTS / f"fair_long_{_setting(args)}.jsonl"
+    run_all([job for job in jobs if job["row"] in only], args, log)
+    logged = {r["name"]: r for r in read_log(log)}
+    results = [logged[job["name"]] for job in jobs if job["name"] in logged]
+    path = RESULTS / f"fair_long_{_setting(args)}.json"
+    earlier = json.loads(path.read_text())["command"].split("; ") if path.exists() else []
+    command = " ".join(sys.argv)
     out = {
         "setting": _setting(args),
         "budget_cpu_seconds": args.long_budget,
@@ -361,11 +357,33 @@ def long(args: argparse.Namespace) -> None:
         "baselines": baselines,
         "test_tasks": args.test_tasks,
         "runs": results,
-        "command": " ".join(sys.argv),
+        "command": "; ".join([*[c for c in earlier if c != command], command]),
     }
-    path = RESULTS / f"fair_long_{_setting(args)}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def _long_job(name: str, seed: int, config: dict[str, Any], args: argparse.Namespace) -> dict:
+    """The long stage's run of row ``name`` at ``seed`` (its tuned ``config``)."""
+    options = {
+        **_common(args),
+        "algo": name,
+        **config,
+        "seed": seed,
+        "time_budget": args.long_budget,
+        "val_every_seconds": args.long_budget / args.validations,
+        "test_tasks": args.test_tasks,
+    }
+    folder = f"long-{_setting(args)}-{name}" + (f"-seed{seed}" if seed else "")
+    return {
+        "frozen_backbone_test": True,
+        "name": f"long {name} seed {seed}",
+        "row": name,
+        "seed": seed,
+        "config": config,
+        "options": options,
+        "run_dir": str(args.runs / folder),
+    }
 
 
 def frozen_backbone_test(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -517,6 +535,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0)
     parser.add_argument("--long-budget", type=float, default=3600.0)
     parser.add_argument("--long-baselines", type=int, default=2)
+    parser.add_argument("--long-seeds", type=int, default=1)
+    parser.add_argument("--long-rows", nargs="+", default=None)
     parser.add_argument("--validations", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--val-tasks", type=int, default=200)

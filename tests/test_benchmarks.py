@@ -258,7 +258,7 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
     (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
     args = fair.argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=2, validations=30, test_tasks=600,
+        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, validations=30, test_tasks=600,
         runs=tmp_path / "runs", workers=2,
     )  # fmt: skip
     with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
@@ -305,7 +305,7 @@ def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_ne
     monkeypatch.setattr(fair, "run_job", fake_run)
     args = fair.argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=1, validations=30, test_tasks=600,
+        long_budget=3600.0, long_baselines=1, long_seeds=1, long_rows=None, validations=30, test_tasks=600,
         runs=tmp_path / "runs", workers=2,
     )  # fmt: skip
     fair.long(args)
@@ -315,6 +315,49 @@ def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_ne
     assert ran == ["mrml", "anil", "maml"]
     written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
     assert [r["row"] for r in written["runs"]] == ["mrml", "anil", "maml"]
+
+
+def test_long_stage_adds_seeds_of_the_rows_asked_for_and_keeps_every_logged_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fair, "RESULTS", tmp_path)
+    selected = {m: {"lr": 0.001} for m in fair.GRIDS}
+    (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
+    final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
+    (tmp_path / "fair_final_5way1shot.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in final)
+    )
+    ran: list[dict] = []
+
+    def fake_run(job: dict, _: object) -> dict:
+        ran.append(job)
+        return {**job, "result": {"test_accuracy": 0.9, "test_ci95": 0.01}}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "long"])
+    args = fair.argparse.Namespace(
+        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
+        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, validations=30,
+        test_tasks=600, runs=tmp_path / "runs", workers=2,
+    )  # fmt: skip
+    fair.long(args)
+    assert [(j["row"], j["seed"]) for j in ran] == [("mrml", 0), ("anil", 0), ("maml", 0)]
+    args.long_seeds, args.long_rows = 3, ["maml"]
+    monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "long", "--long-seeds", "3"])
+    fair.long(args)  # only maml's seeds 1 and 2 are new
+    assert [(j["row"], j["seed"]) for j in ran[3:]] == [("maml", 1), ("maml", 2)]
+    assert [j["options"]["seed"] for j in ran[3:]] == [1, 2]
+    folders = [Path(j["run_dir"]).name for j in ran]
+    assert folders[2:] == ["long-5way1shot-maml", "long-5way1shot-maml-seed1",
+                           "long-5way1shot-maml-seed2"]  # fmt: skip
+    written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
+    assert [(r["row"], r["seed"]) for r in written["runs"]] == [
+        ("mrml", 0), ("anil", 0), ("maml", 0), ("maml", 1), ("maml", 2)
+    ]  # fmt: skip
+    assert written["command"] == "fair_comparison.py long; fair_comparison.py long --long-seeds 3"
+    args.long_rows = ["fomaml"]
+    with pytest.raises(SystemExit, match="--long-rows fomaml is not among"):
+        fair.long(args)
 
 
 def test_cost_rounds_alternate_the_order_and_attribute_head_time_to_its_learner(
