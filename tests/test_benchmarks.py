@@ -258,7 +258,8 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
     (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
     args = fair.argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, validations=30, test_tasks=600,
+        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, validations=30,
+        test_tasks=600,
         runs=tmp_path / "runs", workers=2,
     )  # fmt: skip
     with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
@@ -305,7 +306,8 @@ def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_ne
     monkeypatch.setattr(fair, "run_job", fake_run)
     args = fair.argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=1, long_seeds=1, long_rows=None, validations=30, test_tasks=600,
+        long_budget=3600.0, long_baselines=1, long_seeds=1, long_rows=None, validations=30,
+        test_tasks=600,
         runs=tmp_path / "runs", workers=2,
     )  # fmt: skip
     fair.long(args)
