@@ -192,28 +192,56 @@ def _chosen_baselines(long: dict[str, Any]) -> str:
 
 
 def long_markdown(long: dict[str, Any]) -> list[str]:
-    """The long-budget rows: one seed each, tested once under both protocols."""
+    """The long-budget runs, each tested once under both protocols, one line per seed; a row
+    with several seeds gets a line of mean ± standard deviation over its seeds."""
     hours = long["budget_cpu_seconds"] / 3600
+    seeds = sorted({run.get("seed", 0) for run in long["runs"]})
+    which = "seed 0" if seeds == [0] else "seeds " + ", ".join(map(str, seeds))
     out = [
-        f"## Long budget ({hours:g} h of training CPU time, seed 0)",
+        f"## Long budget ({hours:g} h of training CPU time, {which})",
         "",
         f"Command: `{long['command']}`; besides mrml, {_chosen_baselines(long)} with the best "
-        "mean validation accuracy in the final stage. 95% CI over the test tasks.",
+        "mean validation accuracy in the final stage. 95% CI over the test tasks; a row with "
+        "several seeds adds their mean ± standard deviation.",
         "",
-        "| row | iterations | best val | test, native | test, frozen backbone |",
-        "|---|---|---|---|---|",
+        "| row | seed | iterations | best val | test, native | test, frozen backbone |",
+        "|---|---|---|---|---|---|",
     ]
+    by_row: dict[str, list[dict[str, Any]]] = {}
     for run in long["runs"]:
-        if "failed" in run:
-            out.append(f"| {run['row']} | failed | — | — | — |")
-            continue
-        result, frozen = run["result"], _frozen(run)
-        test = f"{100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}%"
-        out.append(
-            f"| {run['row']} | {run['iterations']} | {100 * run['best_val']:.2f}% | {test} | "
-            f"{'—' if frozen is None else f'{100 * frozen:.2f}%'} |"
-        )
+        by_row.setdefault(run["row"], []).append(run)
+    for row, runs in by_row.items():
+        for run in runs:
+            seed = run.get("seed", 0)
+            if "failed" in run:
+                out.append(f"| {row} | {seed} | failed | — | — | — |")
+                continue
+            result, frozen = run["result"], _frozen(run)
+            test = f"{100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}%"
+            out.append(
+                f"| {row} | {seed} | {run['iterations']} | {100 * run['best_val']:.2f}% | {test} | "
+                f"{'—' if frozen is None else f'{100 * frozen:.2f}%'} |"
+            )
+        if len(done := [r for r in runs if "failed" not in r]) > 1:
+            out.append(_long_mean_line(row, done))
     return out
+
+
+def _long_mean_line(row: str, runs: list[dict[str, Any]]) -> str:
+    """Mean ± standard deviation over a long row's seeds (frozen only if every seed has it)."""
+    vals = _mean_std([r["best_val"] for r in runs])
+    tests = _mean_std([r["result"]["test_accuracy"] for r in runs])
+    frozen = [f for r in runs if (f := _frozen(r)) is not None]
+    frozen_text = "—"
+    if len(frozen) == len(runs):
+        mean, std = _mean_std(frozen)
+        frozen_text = f"{100 * mean:.2f}% ± {100 * std:.2f}%"
+    return (
+        f"| {row}, mean ± std over {len(runs)} seeds | | "
+        f"{statistics.mean(r['iterations'] for r in runs):.0f} | "
+        f"{100 * vals[0]:.2f}% ± {100 * vals[1]:.2f}% | "
+        f"{100 * tests[0]:.2f}% ± {100 * tests[1]:.2f}% | {frozen_text} |"
+    )
 
 
 def markdown(

@@ -246,8 +246,35 @@ def test_fair_report_reads_a_running_stage_from_its_log(
     assert "tie (within the 20 s validation spacing)" in text
     long = {"budget_cpu_seconds": 3600.0, "command": "x", "runs": runs}
     table = "\n".join(fair_report.long_markdown(long))
-    assert "## Long budget (1 h" in table
-    assert "| mrml | 100 | 90.00% | 95.00% ± 1.00% | 94.00% |" in table
+    assert "## Long budget (1 h of training CPU time, seed 0)" in table
+    assert "| mrml | 0 | 100 | 90.00% | 95.00% ± 1.00% | 94.00% |" in table
+    assert "mean ± std" not in table.split("\n", 4)[-1]  # one seed per row: no mean line
+
+
+def test_long_report_gives_a_row_with_several_seeds_its_mean_and_std() -> None:
+    runs = [
+        _final_run("mrml", 0, 0.97, [(60, 0.98)]),
+        _final_run("imaml", 0, 0.80, [(60, 0.88)]),
+        _final_run("imaml", 1, 0.94, [(60, 0.95)]),
+        _final_run("imaml", 2, 0.90, [(60, 0.93)]),
+    ]
+    runs[2] = {**runs[2], "iterations": 130}
+    table = "\n".join(fair_report.long_markdown({"budget_cpu_seconds": 3600, "command": "x",
+                                                   "runs": runs}))  # fmt: skip
+    assert "(1 h of training CPU time, seeds 0, 1, 2)" in table
+    lines = table.splitlines()
+    mean_lines = [line for line in lines if "mean ± std" in line]
+    # tests 80, 94, 90: mean 88.00, sample std 7.21; frozen 79, 93, 89; val 88, 95, 93
+    assert mean_lines == [
+        "| imaml, mean ± std over 3 seeds | | 110 | 92.00% ± 3.61% | 88.00% ± 7.21% "
+        "| 87.00% ± 7.21% |"
+    ]
+    assert lines.index(mean_lines[0]) == len(lines) - 1  # after imaml's seeds, not mrml's
+    failed = [*runs, {"row": "imaml", "seed": 3, "failed": "boom"}]
+    table = "\n".join(fair_report.long_markdown({"budget_cpu_seconds": 3600, "command": "x",
+                                                   "runs": failed}))  # fmt: skip
+    assert "| imaml | 3 | failed | — | — | — |" in table
+    assert "mean ± std over 3 seeds" in table  # the failed seed is not averaged
 
 
 def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings(
