@@ -10,13 +10,15 @@ Every method goes through the same protocol (docs/design.md, "Fair comparisons")
   for ``--seeds`` seeds and ``--budget`` seconds, validated every ``--budget / --validations``
   seconds of training; the best-validation checkpoint is tested once on 600 test tasks under
   the native protocol and again under the frozen-backbone protocol.
-* ``long``: one run of ``--long-budget`` seconds (default an hour) for mrml and the
+* ``long``: runs of ``--long-budget`` seconds (default an hour) for mrml and the
   ``--long-baselines`` (default two) baselines with the best mean validation accuracy in the
-  final stage, tested once.
+  final stage, ``--long-seeds`` seeds each (default one; ``--long-rows`` limits which rows
+  run), each tested once.
 * ``cost``: seconds per meta-iteration of mrml and ANIL at their defaults, interleaved in one
   process with one thread, as a median of paired per-round ratios; also the part of mrml's
   iteration spent in its head work (the lower-level solve and the hypergradient), which says
   how much of a difference comes from the head and how much from the shared backbone.
+  ``--cost-chunk-size`` measures both at another chunk size, into a file of its own.
 * ``report``: tables, the targets of the issue with their margins, and learning curves.
 
 Every run is one ``python -m mrmeta train`` subprocess with ``--threads 1``, two at a time on
@@ -267,27 +269,8 @@ def final(args: argparse.Namespace) -> None:
     for name, algo, config in rows:
         jobs = []
         for seed in range(args.seeds):
-            options = {
-                **_common(args),
-                "algo": algo,
-                **config,
-                "seed": seed,
-                "time_budget": args.budget,
-                "val_every_seconds": args.budget / args.validations,
-                "test_tasks": args.test_tasks,
-            }
             run_dir = args.runs / f"final-{_setting(args)}-{name}-seed{seed}"
-            jobs.append(
-                {
-                    "frozen_backbone_test": True,
-                    "name": f"final {name} seed {seed}",
-                    "row": name,
-                    "seed": seed,
-                    "config": config,
-                    "options": options,
-                    "run_dir": str(run_dir),
-                }
-            )
+            jobs.append(_job("final", name, algo, seed, config, args.budget, run_dir, args))
         groups.append(jobs)
     results = run_all(interleave(groups), args, RESULTS / f"fair_final_{_setting(args)}.jsonl")
     path = RESULTS / f"fair_final_{_setting(args)}.json"
@@ -338,11 +321,13 @@ def long(args: argparse.Namespace) -> None:
             f"long: --long-rows {' '.join(unknown)} is not among this setting's long rows "
             f"({', '.join(chosen)}); pick from those"
         )
-    jobs = [
-        _long_job(name, seed, tuning["selected"][name], args)
-        for seed in range(args.long_seeds)
-        for name in chosen
-    ]
+    jobs = []
+    for seed in range(args.long_seeds):
+        for name in chosen:
+            # seed 0's folder keeps the name it had when the stage ran one seed
+            folder = f"long-{_setting(args)}-{name}" + (f"-seed{seed}" if seed else "")
+            config, budget = tuning["selected"][name], args.long_budget
+            jobs.append(_job("long", name, name, seed, config, budget, args.runs / folder, args))
     log = RESULTS / f"fair_long_{_setting(args)}.jsonl"
     run_all([job for job in jobs if job["row"] in only], args, log)
     logged = {r["name"]: r for r in read_log(log)}
@@ -363,26 +348,35 @@ def long(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def _long_job(name: str, seed: int, config: dict[str, Any], args: argparse.Namespace) -> dict:
-    """The long stage's run of row ``name`` at ``seed`` (its tuned ``config``)."""
+def _job(
+    stage: str,
+    row: str,
+    algo: str,
+    seed: int,
+    config: dict[str, Any],
+    budget: float,
+    run_dir: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One training run of a stage: ``row`` (method ``algo`` at ``config``) at ``seed`` for
+    ``budget`` CPU seconds, validated ``--validations`` times, tested under both protocols."""
     options = {
         **_common(args),
-        "algo": name,
+        "algo": algo,
         **config,
         "seed": seed,
-        "time_budget": args.long_budget,
-        "val_every_seconds": args.long_budget / args.validations,
+        "time_budget": budget,
+        "val_every_seconds": budget / args.validations,
         "test_tasks": args.test_tasks,
     }
-    folder = f"long-{_setting(args)}-{name}" + (f"-seed{seed}" if seed else "")
     return {
         "frozen_backbone_test": True,
-        "name": f"long {name} seed {seed}",
-        "row": name,
+        "name": f"{stage} {row} seed {seed}",
+        "row": row,
         "seed": seed,
         "config": config,
         "options": options,
-        "run_dir": str(args.runs / folder),
+        "run_dir": str(run_dir),
     }
 
 

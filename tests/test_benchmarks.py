@@ -3,6 +3,7 @@ the wall-clock threshold, on made-up measurements whose answers are known by han
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -277,24 +278,22 @@ def test_long_report_gives_a_row_with_several_seeds_its_mean_and_std() -> None:
     assert "mean ± std over 3 seeds" in table  # the failed seed is not averaged
 
 
-def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fake_stage(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    selected: dict[str, dict],
+    final: list[dict] | None = None,
+    **options: object,
+) -> tuple[list[dict], argparse.Namespace]:
+    """A stage's surroundings in ``tmp_path``: the tuning's ``selected`` settings, the final
+    stage's log (``final``), ``run_job`` replaced by a recorder; returns the jobs it ran and the
+    arguments (common ones, then ``options``)."""
     monkeypatch.setattr(fair, "RESULTS", tmp_path)
-    selected = {m: {"lr": 0.001 * (i + 1)} for i, m in enumerate(fair.GRIDS)}
     (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
-    args = fair.argparse.Namespace(
-        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, validations=30,
-        test_tasks=600,
-        runs=tmp_path / "runs", workers=2,
-    )  # fmt: skip
-    with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
-        fair.long(args)  # no final stage yet: nothing to choose the baselines on
-    final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
-    final.append({"row": "imaml", "best_val": 0.95, "seed": 0})
-    log = tmp_path / "fair_final_5way1shot.jsonl"
-    log.write_text("".join(json.dumps(r) + "\n" for r in final))
+    if final is not None:
+        (tmp_path / "fair_final_5way1shot.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in final)
+        )
     ran: list[dict] = []
 
     def fake_run(job: dict, _: object) -> dict:
@@ -302,6 +301,51 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
         return {**job, "result": {"test_accuracy": 0.9, "test_ci95": 0.01}}
 
     monkeypatch.setattr(fair, "run_job", fake_run)
+    args = argparse.Namespace(
+        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
+        validations=30, test_tasks=600, runs=tmp_path / "runs", workers=2,
+        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None,
+    )  # fmt: skip
+    for key, value in options.items():
+        setattr(args, key, value)
+    return ran, args
+
+
+def test_final_stage_runs_every_selected_row_and_the_extra_rows_over_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    selected = {"mrml": {"lr": 0.003, "l2": 0.1}, "anil": {"lr": 0.001, "inner_lr": 0.1}}
+    ran, args = _fake_stage(
+        tmp_path, monkeypatch, selected, methods=["mrml", "anil", "maml"],
+        extra_rows=["mrml-learn-head-init"], seeds=2, budget=600.0,
+    )  # fmt: skip
+    fair.final(args)
+    assert sorted(j["name"] for j in ran) == sorted(
+        f"final {row} seed {seed}"
+        for row in ("mrml", "anil", "mrml-learn-head-init")  # maml: not tuned, not run
+        for seed in (0, 1)
+    )
+    for job in ran:
+        options, extra = job["options"], job["row"] == "mrml-learn-head-init"
+        assert options["algo"] == ("mrml" if extra else job["row"])
+        assert options["seed"] == job["seed"] and options["threads"] == 1
+        assert (options["time_budget"], options["val_every_seconds"]) == (600.0, 20.0)
+        assert options["lr"] == selected[options["algo"]]["lr"]
+        assert options.get("learn_head_init", False) is extra
+        assert job["run_dir"].endswith(f"final-5way1shot-{job['row']}-seed{job['seed']}")
+    assert [j["row"] for j in ran[:3]] == ["mrml", "anil", "mrml-learn-head-init"]  # interleaved
+
+
+def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    selected = {m: {"lr": 0.001 * (i + 1)} for i, m in enumerate(fair.GRIDS)}
+    ran, args = _fake_stage(tmp_path, monkeypatch, selected)
+    with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
+        fair.long(args)  # no final stage yet: nothing to choose the baselines on
+    final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
+    final.append({"row": "imaml", "best_val": 0.95, "seed": 0})
+    ran, args = _fake_stage(tmp_path, monkeypatch, selected, final)
     fair.long(args)
     assert [j["row"] for j in ran] == ["mrml", "imaml", "anil"]
     for job in ran:
@@ -317,31 +361,14 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
 def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fair, "RESULTS", tmp_path)
     selected = {m: {"lr": 0.001} for m in fair.GRIDS}
-    (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
     final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
-    (tmp_path / "fair_final_5way1shot.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in final)
-    )
-    ran: list[str] = []
-
-    def fake_run(job: dict, _: object) -> dict:
-        ran.append(job["row"])
-        return {**job, "result": {"test_accuracy": 0.9, "test_ci95": 0.01}}
-
-    monkeypatch.setattr(fair, "run_job", fake_run)
-    args = fair.argparse.Namespace(
-        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=1, long_seeds=1, long_rows=None, validations=30,
-        test_tasks=600,
-        runs=tmp_path / "runs", workers=2,
-    )  # fmt: skip
+    ran, args = _fake_stage(tmp_path, monkeypatch, selected, final, long_baselines=1)
     fair.long(args)
-    assert ran == ["mrml", "anil"]
+    assert [j["row"] for j in ran] == ["mrml", "anil"]
     args.long_baselines = 2
     fair.long(args)  # resumes by job name: only the second baseline is new
-    assert ran == ["mrml", "anil", "maml"]
+    assert [j["row"] for j in ran] == ["mrml", "anil", "maml"]
     written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
     assert [r["row"] for r in written["runs"]] == ["mrml", "anil", "maml"]
 
@@ -349,26 +376,10 @@ def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_ne
 def test_long_stage_adds_seeds_of_the_rows_asked_for_and_keeps_every_logged_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fair, "RESULTS", tmp_path)
     selected = {m: {"lr": 0.001} for m in fair.GRIDS}
-    (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
     final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
-    (tmp_path / "fair_final_5way1shot.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in final)
-    )
-    ran: list[dict] = []
-
-    def fake_run(job: dict, _: object) -> dict:
-        ran.append(job)
-        return {**job, "result": {"test_accuracy": 0.9, "test_ci95": 0.01}}
-
-    monkeypatch.setattr(fair, "run_job", fake_run)
+    ran, args = _fake_stage(tmp_path, monkeypatch, selected, final)
     monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "long"])
-    args = fair.argparse.Namespace(
-        ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, validations=30,
-        test_tasks=600, runs=tmp_path / "runs", workers=2,
-    )  # fmt: skip
     fair.long(args)
     assert [(j["row"], j["seed"]) for j in ran] == [("mrml", 0), ("anil", 0), ("maml", 0)]
     args.long_seeds, args.long_rows = 3, ["maml"]
