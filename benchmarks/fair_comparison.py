@@ -31,6 +31,7 @@ Commands (results in benchmarks/results/)::
     python benchmarks/fair_comparison.py tune --ways 5
     python benchmarks/fair_comparison.py final --ways 5
     python benchmarks/fair_comparison.py long --ways 5
+    python benchmarks/fair_comparison.py long --ways 5 --long-seeds 3 --long-rows imaml
     python benchmarks/fair_comparison.py cost --ways 5
     python benchmarks/fair_comparison.py report --ways 5
 """
@@ -303,9 +304,10 @@ def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
 def long(args: argparse.Namespace) -> None:
     """Stage 4: long runs (``--long-budget`` seconds, seeds ``0 .. --long-seeds − 1``) of mrml
     and of the ``--long-baselines`` (default two) baselines with the best validation accuracy in
-    the final stage, each tested once. ``--long-rows`` runs only those of the chosen rows (the
-    file still lists every row logged). Asking for more baselines or seeds later adds them to
-    the same log; seed 0's run folder keeps its seedless name."""
+    the final stage, each tested once. ``--long-rows`` runs only those of the chosen rows.
+    Asking for more baselines or seeds later adds them to the same log; the file lists every
+    logged run (those of this call first) and every command that wrote it. Seed 0's run folder
+    keeps the seedless name it had when the stage ran one seed."""
     tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
     final_runs = read_log(RESULTS / f"fair_final_{_setting(args)}.jsonl")
     baselines = best_baselines(final_runs, args.long_baselines)
@@ -331,10 +333,13 @@ def long(args: argparse.Namespace) -> None:
     log = RESULTS / f"fair_long_{_setting(args)}.jsonl"
     run_all([job for job in jobs if job["row"] in only], args, log)
     logged = {r["name"]: r for r in read_log(log)}
-    results = [logged[job["name"]] for job in jobs if job["name"] in logged]
+    asked = [logged.pop(job["name"]) for job in jobs if job["name"] in logged]
+    # runs of earlier calls with more seeds or baselines stay in the file
+    results = asked + sorted(logged.values(), key=lambda r: (r["row"], r["seed"]))
     path = RESULTS / f"fair_long_{_setting(args)}.json"
-    earlier = json.loads(path.read_text())["command"].split("; ") if path.exists() else []
+    earlier = json.loads(path.read_text()).get("command", "") if path.exists() else ""
     command = " ".join(sys.argv)
+    commands = [c for c in earlier.split("; ") if c and c != command] + [command]
     out = {
         "setting": _setting(args),
         "budget_cpu_seconds": args.long_budget,
@@ -342,7 +347,7 @@ def long(args: argparse.Namespace) -> None:
         "baselines": baselines,
         "test_tasks": args.test_tasks,
         "runs": results,
-        "command": "; ".join([*[c for c in earlier if c != command], command]),
+        "command": "; ".join(commands),
     }
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
@@ -440,7 +445,8 @@ def cost_rounds(
 
 
 def cost(args: argparse.Namespace) -> None:
-    """Stage 3: s/it of mrml and ANIL at their defaults, interleaved, paired ratios; and
+    """Stage 3: s/it of mrml and ANIL at their defaults (or both at ``--cost-chunk-size``),
+    interleaved, paired ratios; and
     mrml's head work per iteration (its lower-level solves and hypergradients, timed inside
     the same rounds)."""
     import torch

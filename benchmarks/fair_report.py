@@ -187,7 +187,8 @@ def cost_line(cost: dict[str, Any]) -> str:
 def _chosen_baselines(long: dict[str, Any]) -> str:
     """The words for the baselines the long stage ran besides mrml: "the baseline" or "the N
     baselines"."""
-    baselines = long.get("baselines", [r["row"] for r in long["runs"] if r["row"] != "mrml"])
+    rows = dict.fromkeys(r["row"] for r in long["runs"] if r["row"] != "mrml")
+    baselines = long.get("baselines", list(rows))
     return "the baseline" if len(baselines) == 1 else f"the {len(baselines)} baselines"
 
 
@@ -197,21 +198,22 @@ def long_markdown(long: dict[str, Any]) -> list[str]:
     hours = long["budget_cpu_seconds"] / 3600
     seeds = sorted({run.get("seed", 0) for run in long["runs"]})
     which = "seed 0" if seeds == [0] else "seeds " + ", ".join(map(str, seeds))
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for run in long["runs"]:
+        by_row.setdefault(run["row"], []).append(run)
+    several = any(sum("failed" not in r for r in runs) > 1 for runs in by_row.values())
     out = [
         f"## Long budget ({hours:g} h of training CPU time, {which})",
         "",
         f"Command: `{long['command']}`; besides mrml, {_chosen_baselines(long)} with the best "
-        "mean validation accuracy in the final stage. 95% CI over the test tasks; a row with "
-        "several seeds adds their mean ± standard deviation.",
+        "mean validation accuracy in the final stage. 95% CI over the test tasks"
+        + ("; a row with several seeds adds their mean ± standard deviation." if several else "."),
         "",
         "| row | seed | iterations | best val | test, native | test, frozen backbone |",
         "|---|---|---|---|---|---|",
     ]
-    by_row: dict[str, list[dict[str, Any]]] = {}
-    for run in long["runs"]:
-        by_row.setdefault(run["row"], []).append(run)
     for row, runs in by_row.items():
-        for run in runs:
+        for run in sorted(runs, key=lambda r: r.get("seed", 0)):
             seed = run.get("seed", 0)
             if "failed" in run:
                 out.append(f"| {row} | {seed} | failed | — | — | — |")

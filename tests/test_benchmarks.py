@@ -253,29 +253,40 @@ def test_fair_report_reads_a_running_stage_from_its_log(
 
 
 def test_long_report_gives_a_row_with_several_seeds_its_mean_and_std() -> None:
-    runs = [
+    runs = [  # in the order a resumed stage logs them: seed by seed, not row by row
         _final_run("mrml", 0, 0.97, [(60, 0.98)]),
         _final_run("imaml", 0, 0.80, [(60, 0.88)]),
-        _final_run("imaml", 1, 0.94, [(60, 0.95)]),
         _final_run("imaml", 2, 0.90, [(60, 0.93)]),
+        _final_run("mrml", 1, 0.96, [(60, 0.97)]),
+        _final_run("imaml", 1, 0.94, [(60, 0.95)]),
     ]
-    runs[2] = {**runs[2], "iterations": 130}
-    table = "\n".join(fair_report.long_markdown({"budget_cpu_seconds": 3600, "command": "x",
-                                                   "runs": runs}))  # fmt: skip
-    assert "(1 h of training CPU time, seeds 0, 1, 2)" in table
-    lines = table.splitlines()
-    mean_lines = [line for line in lines if "mean ± std" in line]
-    # tests 80, 94, 90: mean 88.00, sample std 7.21; frozen 79, 93, 89; val 88, 95, 93
-    assert mean_lines == [
+    runs[4] = {**runs[4], "iterations": 130}
+
+    def table_of(runs: list[dict]) -> list[str]:
+        long = {"budget_cpu_seconds": 3600, "command": "x", "runs": runs}
+        return fair_report.long_markdown(long)
+
+    lines = table_of(runs)
+    assert "(1 h of training CPU time, seeds 0, 1, 2)" in lines[0]
+    assert "the baseline with the best" in lines[2]  # one baseline, however many seeds
+    rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in lines[6:]]
+    assert rows == [
+        ["mrml", "0"], ["mrml", "1"], ["mrml, mean ± std over 2 seeds", ""],
+        ["imaml", "0"], ["imaml", "1"], ["imaml", "2"], ["imaml, mean ± std over 3 seeds", ""],
+    ]  # fmt: skip
+    # imaml: tests 80, 94, 90: mean 88.00, sample std 7.21; frozen 79, 93, 89; val 88, 95, 93
+    assert lines[-1] == (
         "| imaml, mean ± std over 3 seeds | | 110 | 92.00% ± 3.61% | 88.00% ± 7.21% "
         "| 87.00% ± 7.21% |"
-    ]
-    assert lines.index(mean_lines[0]) == len(lines) - 1  # after imaml's seeds, not mrml's
+    )
+    no_frozen = [{**r, "frozen_backbone": None} if r["seed"] == 2 else r for r in runs]
+    assert table_of(no_frozen)[-1].endswith("| 88.00% ± 7.21% | — |")  # not over 2 of 3
     failed = [*runs, {"row": "imaml", "seed": 3, "failed": "boom"}]
-    table = "\n".join(fair_report.long_markdown({"budget_cpu_seconds": 3600, "command": "x",
-                                                   "runs": failed}))  # fmt: skip
-    assert "| imaml | 3 | failed | — | — | — |" in table
-    assert "mean ± std over 3 seeds" in table  # the failed seed is not averaged
+    lines = table_of(failed)
+    assert "| imaml | 3 | failed | — | — | — |" in lines
+    assert lines[-1].startswith("| imaml, mean ± std over 3 seeds |")  # failed seed not averaged
+    one_each = table_of([runs[0], runs[1]])
+    assert not any("mean ± std" in line for line in one_each)
 
 
 def _fake_stage(
@@ -395,9 +406,23 @@ def test_long_stage_adds_seeds_of_the_rows_asked_for_and_keeps_every_logged_run(
         ("mrml", 0), ("anil", 0), ("maml", 0), ("maml", 1), ("maml", 2)
     ]  # fmt: skip
     assert written["command"] == "fair_comparison.py long; fair_comparison.py long --long-seeds 3"
+    args.long_seeds, args.long_rows = 1, None
+    monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "long"])
+    fair.long(args)  # fewer seeds than logged: nothing runs, nothing is dropped from the file
+    assert len(ran) == 5
+    written = json.loads((tmp_path / "fair_long_5way1shot.json").read_text())
+    assert [(r["row"], r["seed"]) for r in written["runs"]] == [
+        ("mrml", 0), ("anil", 0), ("maml", 0), ("maml", 1), ("maml", 2)
+    ]  # fmt: skip
+    assert written["command"] == "fair_comparison.py long --long-seeds 3; fair_comparison.py long"
     args.long_rows = ["fomaml"]
     with pytest.raises(SystemExit, match="--long-rows fomaml is not among"):
         fair.long(args)
+    path = tmp_path / "fair_long_5way1shot.json"
+    path.write_text(json.dumps({"runs": []}))  # a file from before "command" was kept
+    args.long_rows = None
+    fair.long(args)
+    assert json.loads(path.read_text())["command"] == "fair_comparison.py long"
 
 
 def test_cost_rounds_alternate_the_order_and_attribute_head_time_to_its_learner(
