@@ -1,11 +1,13 @@
-"""What the one-batch diagnostics (``imaml_breakdowns.py``, ``first_order_gap.py``) share: their
-command-line options, the Omniglot meta-batch they measure on, the network states (the initial
-one and any checkpoints), the learner built at each state, and how results are written."""
+"""What the diagnostics (``imaml_breakdowns.py``, ``first_order_gap.py``, ``newton_start.py``,
+``frozen_protocol_step.py``, ``run_trajectory.py``) share: their command-line options, the
+Omniglot meta-batch they measure on, the network states (the initial one and any checkpoints),
+the learner built at each state, and how results are written."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,3 +73,16 @@ def write_results(
     (folder / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
     (folder / f"{stem}.md").write_text(report(out))
     print(f"wrote {folder / stem}.{{json,md}}")
+
+
+def write_diagnostic(
+    name: str,
+    args: argparse.Namespace,
+    fields: dict[str, Any],
+    report: Callable[[dict[str, Any]], str],
+) -> None:
+    """A diagnostic's results, ``<name>_<ways>way<shots>shot.{json,md}`` into ``args.out``:
+    the setting, then ``fields``, then the command that ran (:func:`write_results`)."""
+    setting = f"{args.ways}way{args.shots}shot"
+    out = {"setting": setting, **fields, "command": " ".join(sys.argv)}
+    write_results(out, f"{name}_{setting}", args.out, report)

@@ -40,7 +40,7 @@ from _diagnostic_setup import (  # noqa: E402
     network_states,
     parser_with_common_options,
     training_batch,
-    write_results,
+    write_diagnostic,
 )
 
 
@@ -82,16 +82,14 @@ def main() -> None:
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = {
-        "setting": f"{args.ways}way{args.shots}shot",
+    fields = {
         "meta_batch": args.meta_batch,
         "queries": args.queries,
         "inner_steps": args.inner_steps,
         "inner_lr": args.inner_lr,
         "rows": rows,
-        "command": " ".join(sys.argv),
     }
-    write_results(out, f"first_order_gap_{out['setting']}", args.out, report)
+    write_diagnostic("first_order_gap", args, fields, report)
 
 
 def report(out: dict[str, Any]) -> str:

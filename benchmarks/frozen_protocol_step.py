@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import inspect
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from _diagnostic_setup import learner_at, parser_with_common_options, write_results
+from _diagnostic_setup import learner_at, parser_with_common_options, write_diagnostic
 
 from mrmeta._checkpoint import load_checkpoint
 from mrmeta._per_task import task_features
@@ -123,14 +122,11 @@ def main() -> None:
     ]
     torch.set_num_threads(1)
     split = load_dataset("omniglot", "val", root=args.data_root)
-    out = {
-        "setting": f"{args.ways}way{args.shots}shot",
+    fields = {
         "tasks": args.tasks,
-        "command": " ".join(sys.argv),
         "checkpoints": [measure_checkpoint(p, split, args, settings) for p in args.checkpoint],
     }
-    stem = f"frozen_protocol_step_{out['setting']}"
-    write_results(out, stem, args.out, report)
+    write_diagnostic("frozen_protocol_step", args, fields, report)
 
 
 if __name__ == "__main__":

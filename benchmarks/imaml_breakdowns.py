@@ -48,7 +48,7 @@ from _diagnostic_setup import (  # noqa: E402
     network_states,
     parser_with_common_options,
     training_batch,
-    write_results,
+    write_diagnostic,
 )
 
 
@@ -134,17 +134,15 @@ def main() -> None:
             row["cpu_seconds"] = time.process_time() - started
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = {
-        "setting": f"{args.ways}way{args.shots}shot",
+    fields = {
         "meta_batch": args.meta_batch,
         "queries": args.queries,
         "inner_steps": learner.options.inner_steps,
         "inner_lr": learner.options.inner_lr,
         "cg_iters": learner.options.cg_iters,
         "rows": rows,
-        "command": " ".join(sys.argv),
     }
-    write_results(out, f"imaml_breakdowns_{out['setting']}", args.out, report)
+    write_diagnostic("imaml_breakdowns", args, fields, report)
 
 
 def report(out: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ from _diagnostic_setup import (  # noqa: E402
     network_states,
     parser_with_common_options,
     training_batch,
-    write_results,
+    write_diagnostic,
 )
 
 STARTS = {"ray start (default)": True, "from the given start (zero)": False}
@@ -99,17 +99,15 @@ def main() -> None:
         row = {"state": state_name, **measure(learner, batch, args.repeats)}
         print(row, flush=True)
         rows.append(row)
-    out = {
-        "setting": f"{args.ways}way{args.shots}shot",
+    fields = {
         "meta_batch": args.meta_batch,
         "repeats": args.repeats,
         "inner_tol": learner.options.inner_tol,
         "l2": learner.options.l2,
         "torch": torch.__version__,
         "rows": rows,
-        "command": " ".join(sys.argv),
     }
-    write_results(out, f"newton_start_{out['setting']}", args.out, report)
+    write_diagnostic("newton_start", args, fields, report)
 
 
 def report(out: dict[str, Any]) -> str:
