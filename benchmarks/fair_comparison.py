@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -141,7 +142,9 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Validation curve (CPU seconds, accuracy), iterations, s/it and the solve statistics."""
+    """Validation curve (CPU seconds, accuracy), iterations, s/it, the solve statistics, and the
+    training records between two validations summarised block by block (:func:`trajectory`),
+    so that the logged result keeps what the run folder (not committed) would tell."""
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     per_it = [r["seconds"] for r in train[2:]] or [r["seconds"] for r in train]
@@ -156,11 +159,56 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
             [r["inner_iterations"] for r in train if r.get("inner_iterations") is not None]
         ),
         "skipped": sum(1 for r in train if r.get("skipped")),
+        "trajectory": trajectory(records),
     }
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+# A block's means over its training records (missing and non-finite values skipped):
+# query ``loss`` and ``accuracy``; ``inner_grad_norm``, the meta-batch mean of ‖∇φ g‖ after the
+# lower-level solve; ``cg_breakdowns``, the fraction of tasks whose CG solve broke down
+# (iMAML), and ``cg_residual``, the relative CG residual, where the algorithm logs them;
+# ``grad_norm``, the norm of the meta-gradient.
+BLOCK_MEANS = ("loss", "accuracy", "inner_grad_norm", "cg_breakdowns", "cg_residual", "grad_norm")
+
+
+def trajectory(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per validation: the training records since the previous validation, summarised
+    (:data:`BLOCK_MEANS`, the block's largest per-task ‖∇φ g‖ ``inner_grad_norm_max`` where the
+    run logs it, and ``val_accuracy``, the validation accuracy at the block's end).
+
+    Training records after the last validation (a run stopped between two) form a last row
+    with ``val_accuracy`` None."""
+    rows, block = [], []
+    for record in records:
+        if record.get("kind") == "train":
+            block.append(record)
+        elif record.get("kind") == "val" and block:
+            rows.append(_block(block, record))
+            block = []
+    if block:
+        rows.append(_block(block, None))
+    return rows
+
+
+def _block(block: list[dict[str, Any]], val: dict[str, Any] | None) -> dict[str, Any]:
+    maxima = [r["inner_grad_norm_max"] for r in block if r.get("inner_grad_norm_max") is not None]
+    return {
+        "first_iteration": block[0]["iteration"],
+        "last_iteration": block[-1]["iteration"],
+        "train_cpu_seconds": block[-1].get("train_cpu_seconds"),
+        **{key: _finite_mean(block, key) for key in BLOCK_MEANS},
+        "inner_grad_norm_max": max(maxima) if maxima else None,
+        "val_accuracy": val["accuracy"] if val else None,
+    }
+
+
+def _finite_mean(block: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in block if r.get(key) is not None and math.isfinite(r[key])]
+    return _mean(values)
 
 
 def run_all(

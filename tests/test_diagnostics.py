@@ -261,17 +261,19 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
                 "inner_grad_norm_max": norm_max,
                 "cg_breakdowns": breakdowns,
                 "cg_residual": None,
+                "grad_norm": float(it),
+                "seconds": 1.0,
             }
         )
 
     lines = [
         train(1, 1.0, 0.0, 0.4),
         train(2, 3.0, 0.5, 0.9),
-        json.dumps({"kind": "val", "iteration": 2, "accuracy": 0.8}),
+        json.dumps({"kind": "val", "iteration": 2, "accuracy": 0.8, "train_cpu_seconds": 20.0}),
         train(3, float("inf"), 1.0, None),
         train(4, 2.0, None, 0.2),
         train(5, 4.0, 0.5, 0.3),
-        json.dumps({"kind": "val", "iteration": 5, "accuracy": 0.6}),
+        json.dumps({"kind": "val", "iteration": 5, "accuracy": 0.6, "train_cpu_seconds": 50.0}),
         train(6, 5.0, 1.0, 7.0),
         '{"kind": "train", "iteration": 7, "lo',
     ]
@@ -286,6 +288,7 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
     assert [r["cg_residual"] for r in rows] == [None, None, None]
     assert [r["val_accuracy"] for r in rows] == [0.8, 0.6, None]
     assert [r["train_cpu_seconds"] for r in rows] == [20.0, 50.0, 60.0]
+    assert [r["grad_norm"] for r in rows] == pytest.approx([1.5, 4.0, 6.0])
 
     out = tmp_path / "results" / "trajectory.json"
     trajectory.main([str(tmp_path), "--out", str(out)])
@@ -294,6 +297,29 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
     assert written["command"] == f"benchmarks/run_trajectory.py {tmp_path} --out {out}"
     table = out.with_suffix(".md").read_text()
     assert written["command"] in table
-    assert "| 3–5 | 50 | 3.000 | 0.500 | 0.400 | 0.300 | 0.75 | – | 60.00% |" in table
+    assert "| 3–5 | 50 | 3.000 | 0.500 | 0.400 | 0.300 | 0.75 | – | 4.000 | 60.00% |" in table
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         trajectory.main([str(tmp_path / "missing"), "--out", str(out)])
+
+    # the fair comparison logs the same blocks with each run, and the table can come from there
+    fair = load_benchmark("fair_comparison")
+    records = trajectory.read_records(tmp_path)
+    assert fair.summarise_records(records)["trajectory"] == rows
+    log = tmp_path / "fair_final.jsonl"
+    logged = [
+        {"name": "final mrml seed 0", "trajectory": rows},
+        {"name": "final anil seed 0", "failed": "boom"},
+    ]
+    log.write_text("".join(json.dumps(run) + "\n" for run in logged))
+    from_log = tmp_path / "results" / "from_log.json"
+    trajectory.main(["--log", str(log), "--job", "final mrml seed 0", "--out", str(from_log)])
+    assert json.loads(from_log.read_text())["blocks"] == written["blocks"]
+    assert json.loads(from_log.read_text())["run"] == "final mrml seed 0"
+    with pytest.raises(SystemExit, match="no run named 'final maml seed 0'.*'final anil seed 0'"):
+        trajectory.main(["--log", str(log), "--job", "final maml seed 0", "--out", str(out)])
+    with pytest.raises(SystemExit, match="without its trajectory"):
+        trajectory.main(["--log", str(log), "--job", "final anil seed 0", "--out", str(out)])
+    for wrong in ([str(tmp_path), "--log", str(log)], ["--log", str(log)], []):
+        with pytest.raises(SystemExit) as error:
+            trajectory.main([*wrong, "--out", str(out)])
+        assert error.value.code == 2
