@@ -127,7 +127,14 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         print(f"FAILED {job['name']}: {done.stderr.strip()[-400:]}", flush=True)
-        return {**job, "failed": done.stderr.strip()[-2000:], "wall_seconds": wall}
+        # a diverged run's records up to the failure are where its cause shows
+        blocks = trajectory(read_log(run_dir / "metrics.jsonl"))
+        return {
+            **job,
+            "failed": done.stderr.strip()[-2000:],
+            "trajectory": blocks,
+            "wall_seconds": wall,
+        }
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     result = json.loads((run_dir / "result.json").read_text())
     summary = summarise_records(records)
@@ -143,12 +150,13 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Validation curve (CPU seconds, accuracy), iterations, s/it, the solve statistics, and the
-    training records between two validations summarised block by block (:func:`trajectory`),
-    so that the logged result keeps what the run folder (not committed) would tell."""
+    training records between two validations summarised block by block (:func:`trajectory`):
+    the run folders are not committed, so the logged result keeps the block means (not the
+    per-iteration records)."""
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     per_it = [r["seconds"] for r in train[2:]] or [r["seconds"] for r in train]
-    norms = [r["inner_grad_norm_max"] for r in train if r.get("inner_grad_norm_max") is not None]
+    norms = _finite(train, "inner_grad_norm_max")
     return {
         "iterations": len(train),
         "curve": [(r["train_cpu_seconds"], r["accuracy"]) for r in val],
@@ -170,18 +178,21 @@ def _mean(values: list[float]) -> float | None:
 # A block's means over its training records (missing and non-finite values skipped):
 # query ``loss`` and ``accuracy``; ``inner_grad_norm``, the meta-batch mean of ‖∇φ g‖ after the
 # lower-level solve; ``cg_breakdowns``, the fraction of tasks whose CG solve broke down
-# (iMAML), and ``cg_residual``, the relative CG residual, where the algorithm logs them;
-# ``grad_norm``, the norm of the meta-gradient.
+# (iMAML), and ``cg_residual``, the mean residual ‖∇φ f − H v‖ of v, where the algorithm logs
+# them; ``grad_norm``, the norm of the meta-gradient.
 BLOCK_MEANS = ("loss", "accuracy", "inner_grad_norm", "cg_breakdowns", "cg_residual", "grad_norm")
 
 
 def trajectory(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per validation: the training records since the previous validation, summarised
-    (:data:`BLOCK_MEANS`, the block's largest per-task ‖∇φ g‖ ``inner_grad_norm_max`` where the
-    run logs it, and ``val_accuracy``, the validation accuracy at the block's end).
+    """The training records between two validations, one row per block, summarised:
+    ``first_iteration`` and ``last_iteration``; ``train_cpu_seconds`` at the block's last
+    record; the means of :data:`BLOCK_MEANS`; ``inner_grad_norm_max``, the largest per-task
+    ‖∇φ g‖ of the block where the run logs it; ``val_accuracy``, the validation accuracy at the
+    block's end.
 
-    Training records after the last validation (a run stopped between two) form a last row
-    with ``val_accuracy`` None."""
+    A validation with no training record since the one before adds no row. Training records
+    after the last validation (a run stopped between two, or one never validated) form a last
+    row with ``val_accuracy`` None."""
     rows, block = [], []
     for record in records:
         if record.get("kind") == "train":
@@ -195,7 +206,7 @@ def trajectory(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _block(block: list[dict[str, Any]], val: dict[str, Any] | None) -> dict[str, Any]:
-    maxima = [r["inner_grad_norm_max"] for r in block if r.get("inner_grad_norm_max") is not None]
+    maxima = _finite(block, "inner_grad_norm_max")
     return {
         "first_iteration": block[0]["iteration"],
         "last_iteration": block[-1]["iteration"],
@@ -206,9 +217,14 @@ def _block(block: list[dict[str, Any]], val: dict[str, Any] | None) -> dict[str,
     }
 
 
+def _finite(records: list[dict[str, Any]], key: str) -> list[float]:
+    """The records' values of ``key``, leaving out missing and non-finite ones (which JSON
+    cannot hold as numbers)."""
+    return [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
+
+
 def _finite_mean(block: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in block if r.get(key) is not None and math.isfinite(r[key])]
-    return _mean(values)
+    return _mean(_finite(block, key))
 
 
 def run_all(

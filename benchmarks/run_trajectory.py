@@ -1,4 +1,4 @@
-"""A training run's trajectory between validations, from its ``metrics.jsonl``.
+"""A training run's trajectory between validations, from its folder or a fair-comparison log.
 
 The run folders are not committed. This summarises one run folder's training records block
 by block, a block being the iterations between two validations, so that a change in the run (a
@@ -11,7 +11,9 @@ Command::
 
     python benchmarks/run_trajectory.py RUN_DIR --out benchmarks/results/NAME.json
     python benchmarks/run_trajectory.py --log benchmarks/results/fair_long_5way1shot.jsonl \
-        --job "long mrml seed 3" --out benchmarks/results/NAME.json
+        --job "long itd-bio seed 1" --out benchmarks/results/NAME.json
+
+(Runs logged before the logs kept trajectories have none there; pass their run folder.)
 
 Writes ``NAME.json`` and ``NAME.md``.
 """
@@ -51,7 +53,7 @@ def markdown(out: dict[str, Any]) -> str:
         "| CG residual | meta-gradient norm | validation |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in out["blocks"]:
+    for row in out["blocks"]:  # blocks written before the meta-gradient norm was kept lack it
         val = row["val_accuracy"]
         lines.append(
             f"| {row['first_iteration']}–{row['last_iteration']} "
@@ -66,14 +68,21 @@ def markdown(out: dict[str, Any]) -> str:
 
 def logged_trajectory(log: Path, job: str) -> list[dict[str, Any]]:
     """The blocks that a fair-comparison log (``.jsonl``) kept for its run named ``job``."""
-    runs = {run["name"]: run for run in read_log(log)}
+    if not log.is_file():
+        raise SystemExit(f"{log}: no such file; pass a fair_*.jsonl log of benchmarks/results")
+    logged = read_log(log)
+    entries = all(isinstance(run, dict) and "name" in run for run in logged)
+    if not entries or (not logged and log.read_text().strip()):
+        raise SystemExit(f"{log}: not a fair-comparison log; pass its .jsonl file, not the .json")
+    runs = {run["name"]: run for run in logged}
     if job not in runs:
         known = ", ".join(repr(name) for name in runs) or "none"
         raise SystemExit(f"{log}: no run named {job!r}; the runs logged there: {known}")
     if "trajectory" not in runs[job]:
+        why = "it failed before" if "failed" in runs[job] else "it was logged before"
         raise SystemExit(
-            f"{log}: run {job!r} was logged without its trajectory (logged before the fair "
-            "comparison kept one, or it failed); pass its run folder instead"
+            f"{log}: run {job!r} was logged without its trajectory ({why} the logs kept "
+            "one); pass its run folder instead"
         )
     return runs[job]["trajectory"]
 
@@ -86,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="NAME.json (NAME.md beside it)")
     args = parser.parse_args(argv)
     if (args.run_dir is None) == (args.log is None) or (args.log is None) != (args.job is None):
-        parser.error("pass either a run folder, or --log LOG --job NAME")
+        parser.error("pass either a run folder, or --log LOG --job NAME (not both)")
     if args.log is not None:
         rows, run = logged_trajectory(args.log, args.job), args.job
     else:
         rows, run = trajectory(read_records(args.run_dir)), args.run_dir.name
     if not rows:
-        raise SystemExit(f"{args.run_dir or args.job}: no training records yet")
+        raise SystemExit(f"{args.run_dir or args.job}: no training records")
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["benchmarks/run_trajectory.py", *given])
     out = {"run": run, "blocks": rows, "command": command}

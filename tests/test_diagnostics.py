@@ -4,9 +4,11 @@ float64 references on a tiny network."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -245,8 +247,10 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
     tmp_path: Path,
 ) -> None:
     """Blocks end at each validation; means skip missing and non-finite values; the records
-    after the last validation form a last block; a torn last line is skipped. Expected values
-    are worked out by hand from the records below."""
+    after the last validation form a last block; a torn last line is skipped. The fair
+    comparison logs the same blocks, and ``--log`` writes a logged run's table; wrong
+    arguments or files stop with a message. Expected values are worked out by hand from the
+    records below."""
     trajectory = load_benchmark("run_trajectory")
 
     def train(it: int, loss: float, breakdowns: float | None, norm_max: float | None) -> str:
@@ -295,6 +299,7 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
     written = json.loads(out.read_text())
     assert written["blocks"] == json.loads(json.dumps(rows))
     assert written["command"] == f"benchmarks/run_trajectory.py {tmp_path} --out {out}"
+    assert written["run"] == tmp_path.name
     table = out.with_suffix(".md").read_text()
     assert written["command"] in table
     assert "| 3–5 | 50 | 3.000 | 0.500 | 0.400 | 0.300 | 0.75 | – | 4.000 | 60.00% |" in table
@@ -319,7 +324,61 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
         trajectory.main(["--log", str(log), "--job", "final maml seed 0", "--out", str(out)])
     with pytest.raises(SystemExit, match="without its trajectory"):
         trajectory.main(["--log", str(log), "--job", "final anil seed 0", "--out", str(out)])
-    for wrong in ([str(tmp_path), "--log", str(log)], ["--log", str(log)], []):
+    with pytest.raises(SystemExit, match="no such file"):
+        trajectory.main(["--log", str(tmp_path / "nope.jsonl"), "--job", "x", "--out", str(out)])
+    summary = tmp_path / "fair_final.json"  # the summary file beside a log is not a log
+    summary.write_text(json.dumps({"runs": logged, "seeds": 3}, indent=1) + "\n")
+    with pytest.raises(SystemExit, match="not a fair-comparison log"):
+        trajectory.main(["--log", str(summary), "--job", "final mrml seed 0", "--out", str(out)])
+    job = ["--job", "final mrml seed 0"]
+    for wrong in ([str(tmp_path), "--log", str(log), *job], [str(tmp_path), *job], job, []):
         with pytest.raises(SystemExit) as error:
             trajectory.main([*wrong, "--out", str(out)])
         assert error.value.code == 2
+
+
+def test_trajectory_blocks_without_validation_or_between_two_validations() -> None:
+    """A run never validated is one block with no validation accuracy; a validation right after
+    another adds no block."""
+    fair = load_benchmark("fair_comparison")
+
+    def train(it: int) -> dict:
+        return {"kind": "train", "iteration": it, "train_cpu_seconds": it, "loss": float(it)}
+
+    def val(accuracy: float) -> dict:
+        return {"kind": "val", "accuracy": accuracy}
+
+    never = fair.trajectory([train(1), train(2)])
+    assert [(r["first_iteration"], r["last_iteration"], r["val_accuracy"]) for r in never] == [
+        (1, 2, None)
+    ]
+    assert never[0]["loss"] == pytest.approx(1.5)
+    twice = fair.trajectory([val(0.1), train(1), val(0.2), val(0.3), train(2), val(0.4)])
+    assert [(r["first_iteration"], r["val_accuracy"]) for r in twice] == [(1, 0.2), (2, 0.4)]
+    assert fair.trajectory([val(0.1)]) == []
+
+
+def test_a_failed_run_is_logged_with_its_trajectory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that exits non-zero (diverged) keeps the blocks of its records up to the failure."""
+    fair = load_benchmark("fair_comparison")
+    run_dir = tmp_path / "run"
+    records = [
+        {"kind": "train", "iteration": 1, "train_cpu_seconds": 1.0, "loss": 2.0},
+        {"kind": "val", "accuracy": 0.5},
+        {"kind": "train", "iteration": 2, "train_cpu_seconds": 2.0, "loss": 9.0},
+    ]
+
+    def diverging_train(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        run_dir.mkdir()
+        lines = [json.dumps(record) for record in records]
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return subprocess.CompletedProcess(command, 1, "", "TrainingDiverged: loss is nan")
+
+    monkeypatch.setattr(fair.subprocess, "run", diverging_train)
+    job = {"name": "final mrml seed 0", "run_dir": str(run_dir), "options": {"algo": "mrml"}}
+    logged = fair.run_job(job, argparse.Namespace())
+    assert "TrainingDiverged" in logged["failed"]
+    assert logged["trajectory"] == fair.trajectory(records)
+    assert [r["loss"] for r in logged["trajectory"]] == [2.0, 9.0]
