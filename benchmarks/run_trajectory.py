@@ -42,6 +42,11 @@ def _cell(value: Any, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _norm(value: Any) -> str:
+    """Three significant digits: norms run from 1e-7 (mrml's solve) to 1e3 (a diverging one)."""
+    return "–" if value is None else f"{value:.3g}"
+
+
 def markdown(out: dict[str, Any]) -> str:
     """The blocks as a Markdown table, with the command that wrote them."""
     lines = [
@@ -58,9 +63,9 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append(
             f"| {row['first_iteration']}–{row['last_iteration']} "
             f"| {_cell(row['train_cpu_seconds'], 0)} | {_cell(row['loss'], 3)} "
-            f"| {_cell(row['accuracy'], 3)} | {_cell(row['inner_grad_norm'], 3)} "
-            f"| {_cell(row['inner_grad_norm_max'], 3)} | {_cell(row['cg_breakdowns'], 2)} "
-            f"| {_cell(row['cg_residual'], 2)} | {_cell(row.get('grad_norm'), 3)} "
+            f"| {_cell(row['accuracy'], 3)} | {_norm(row['inner_grad_norm'])} "
+            f"| {_norm(row['inner_grad_norm_max'])} | {_cell(row['cg_breakdowns'], 2)} "
+            f"| {_norm(row['cg_residual'])} | {_norm(row.get('grad_norm'))} "
             f"| {'–' if val is None else f'{100 * val:.2f}%'} |"
         )
     return "\n".join(lines) + "\n"

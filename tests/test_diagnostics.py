@@ -302,7 +302,7 @@ def test_run_trajectory_summarises_the_training_records_between_validations(
     assert written["run"] == tmp_path.name
     table = out.with_suffix(".md").read_text()
     assert written["command"] in table
-    assert "| 3–5 | 50 | 3.000 | 0.500 | 0.400 | 0.300 | 0.75 | – | 4.000 | 60.00% |" in table
+    assert "| 3–5 | 50 | 3.000 | 0.500 | 0.4 | 0.3 | 0.75 | – | 4 | 60.00% |" in table
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         trajectory.main([str(tmp_path / "missing"), "--out", str(out)])
 
