@@ -125,17 +125,16 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - started
+    records = read_log(run_dir / "metrics.jsonl")
     if done.returncode != 0:
         print(f"FAILED {job['name']}: {done.stderr.strip()[-400:]}", flush=True)
         # a diverged run's records up to the failure are where its cause shows
-        blocks = trajectory(read_log(run_dir / "metrics.jsonl"))
         return {
             **job,
             "failed": done.stderr.strip()[-2000:],
-            "trajectory": blocks,
+            "trajectory": trajectory(records),
             "wall_seconds": wall,
         }
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     result = json.loads((run_dir / "result.json").read_text())
     summary = summarise_records(records)
     if job.get("frozen_backbone_test"):
@@ -211,7 +210,7 @@ def _block(block: list[dict[str, Any]], val: dict[str, Any] | None) -> dict[str,
         "first_iteration": block[0]["iteration"],
         "last_iteration": block[-1]["iteration"],
         "train_cpu_seconds": block[-1].get("train_cpu_seconds"),
-        **{key: _finite_mean(block, key) for key in BLOCK_MEANS},
+        **{key: _mean(_finite(block, key)) for key in BLOCK_MEANS},
         "inner_grad_norm_max": max(maxima) if maxima else None,
         "val_accuracy": val["accuracy"] if val else None,
     }
@@ -221,10 +220,6 @@ def _finite(records: list[dict[str, Any]], key: str) -> list[float]:
     """The records' values of ``key``, leaving out missing and non-finite ones (which JSON
     cannot hold as numbers)."""
     return [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
-
-
-def _finite_mean(block: list[dict[str, Any]], key: str) -> float | None:
-    return _mean(_finite(block, key))
 
 
 def run_all(
