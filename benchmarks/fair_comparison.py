@@ -2,10 +2,13 @@
 
 Every method goes through the same protocol (docs/design.md, "Fair comparisons"):
 
-* ``tune``: the same number of configurations per method (:data:`GRIDS`, a 2 × 2 grid over
-  its two most important hyperparameters), each meta-trained for ``--tune-budget`` seconds
-  with seed 0 and scored by its best validation accuracy (the same ``--val-tasks`` validation
-  tasks for everyone). The test split is never read here (``--test-tasks 0``).
+* ``tune``: the same number of configurations per method (``--grid``, one of :data:`GRIDS`:
+  "2x2", the first study, or "3x3", wider and over the inner problem too), each meta-trained
+  for ``--tune-budget`` seconds with seed 0 and scored by its best validation accuracy (the
+  same ``--val-tasks`` validation tasks for everyone). The test split is never read here
+  (``--test-tasks 0``). Each grid is a study of its own: its tuning, final and long stages
+  read and write their own files (:func:`_study`), so a new grid leaves the results of the
+  earlier one as they were.
 * ``final``: each method's selected configuration, and the extra rows (:data:`EXTRA_ROWS`),
   for ``--seeds`` seeds and ``--budget`` seconds, validated every ``--budget / --validations``
   seconds of training; the best-validation checkpoint is tested once on 600 test tasks under
@@ -34,6 +37,7 @@ Commands (results in benchmarks/results/)::
     python benchmarks/fair_comparison.py long --ways 5 --long-seeds 3 --long-rows imaml
     python benchmarks/fair_comparison.py cost --ways 5
     python benchmarks/fair_comparison.py report --ways 5
+    python benchmarks/fair_comparison.py tune --ways 5 --grid 3x3 --tune-budget 240
 """
 
 from __future__ import annotations
@@ -60,20 +64,50 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The tuning grid of every method: the same size (4) for each, over the meta learning rate and
-# the method's most important inner hyperparameter (its step size, or its regulariser).
-GRIDS: dict[str, list[dict[str, Any]]] = {
-    "mrml": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
-    "itd-bio": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
-    "anil": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.5)],
-    "maml": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.4)],
-    "fomaml": [
-        {"lr": lr, "inner_steps": k, "inner_lr": a}
-        for lr in (1e-3, 3e-3)
-        for k, a in ((1, 0.4), (5, 0.1))
-    ],
-    "imaml": [{"lr": lr, "reg": reg} for lr in (1e-3, 3e-3) for reg in (0.5, 2.0)],
+# The tuning grids, by name: each gives every method the same number of configurations.
+# "2x2" (the first study): the meta learning rate and the method's most important inner
+# hyperparameter (its step size, or its regulariser), two values each. "3x3": three meta
+# learning rates, and three settings of the method's inner problem around the 2x2 selections —
+# its inner step count and step where it has them (MAML, first-order MAML), iMAML's λ and
+# inner step together (measured: a step of 0.1 is above 2/L at 20-way, see the README), μ for
+# the two methods whose lower level is the head's regularised problem. mrml's Newton solve stops
+# on its tolerance and its v is exact, so it has no inner step, step count or CG count to tune.
+_META_LRS_3X3 = (1e-3, 3e-3, 1e-2)
+GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
+    "2x2": {
+        "mrml": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
+        "itd-bio": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
+        "anil": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.5)],
+        "maml": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.4)],
+        "fomaml": [
+            {"lr": lr, "inner_steps": k, "inner_lr": a}
+            for lr in (1e-3, 3e-3)
+            for k, a in ((1, 0.4), (5, 0.1))
+        ],
+        "imaml": [{"lr": lr, "reg": reg} for lr in (1e-3, 3e-3) for reg in (0.5, 2.0)],
+    },
+    "3x3": {
+        "mrml": [{"lr": lr, "l2": mu} for lr in _META_LRS_3X3 for mu in (0.01, 0.03, 0.1)],
+        "itd-bio": [{"lr": lr, "l2": mu} for lr in _META_LRS_3X3 for mu in (0.01, 0.03, 0.1)],
+        "anil": [{"lr": lr, "inner_lr": a} for lr in _META_LRS_3X3 for a in (0.05, 0.1, 0.2)],
+        "maml": [
+            {"lr": lr, "inner_steps": k, "inner_lr": a}
+            for lr in _META_LRS_3X3
+            for k, a in ((1, 0.4), (1, 0.8), (3, 0.4))
+        ],
+        "fomaml": [
+            {"lr": lr, "inner_steps": k, "inner_lr": a}
+            for lr in _META_LRS_3X3
+            for k, a in ((5, 0.1), (5, 0.2), (10, 0.1))
+        ],
+        "imaml": [
+            {"lr": lr, "reg": reg, "inner_lr": a}
+            for lr in _META_LRS_3X3
+            for reg, a in ((0.5, 0.1), (0.5, 0.05), (2.0, 0.05))
+        ],
+    },
 }
+METHODS = tuple(GRIDS["2x2"])
 
 # mrml with the paper's lower level and its code's settings (not tuned): the recipe users get.
 PAPER_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "mrml-paper.toml"
@@ -271,12 +305,18 @@ def _setting(args: argparse.Namespace) -> str:
     return f"{args.ways}way{args.shots}shot"
 
 
+def _study(args: argparse.Namespace) -> str:
+    """The setting and the tuning grid: the name of a study's results files and run folders
+    (the first grid's, "2x2", have the setting's name alone)."""
+    return _setting(args) + ("" if args.grid == "2x2" else f"_grid{args.grid}")
+
+
 def tune(args: argparse.Namespace) -> None:
     """Stage 1: every method's grid at seed 0, scored on validation only."""
     groups = []
     for method in args.methods:
         jobs = []
-        for i, config in enumerate(GRIDS[method]):
+        for i, config in enumerate(GRIDS[args.grid][method]):
             options = {
                 **_common(args),
                 "algo": method,
@@ -286,7 +326,7 @@ def tune(args: argparse.Namespace) -> None:
                 "val_every_seconds": args.tune_budget / args.tune_validations,
                 "test_tasks": 0,
             }
-            run_dir = args.runs / f"tune-{_setting(args)}-{method}-{i}"
+            run_dir = args.runs / f"tune-{_study(args)}-{method}-{i}"
             jobs.append(
                 {
                     "name": f"tune {method} #{i} {config}",
@@ -297,7 +337,7 @@ def tune(args: argparse.Namespace) -> None:
                 }
             )
         groups.append(jobs)
-    results = run_all(interleave(groups), args, RESULTS / f"fair_tuning_{_setting(args)}.jsonl")
+    results = run_all(interleave(groups), args, RESULTS / f"fair_tuning_{_study(args)}.jsonl")
     selected = {}
     for method in args.methods:
         mine = [r for r in results if r["method"] == method and "failed" not in r]
@@ -307,19 +347,20 @@ def tune(args: argparse.Namespace) -> None:
         "setting": _setting(args),
         "budget_cpu_seconds": args.tune_budget,
         "val_tasks": args.val_tasks,
-        "grids": {m: GRIDS[m] for m in args.methods},
+        "grid": args.grid,
+        "grids": {m: GRIDS[args.grid][m] for m in args.methods},
         "runs": results,
         "selected": selected,
         "command": " ".join(sys.argv),
     }
-    path = RESULTS / f"fair_tuning_{_setting(args)}.json"
+    path = RESULTS / f"fair_tuning_{_study(args)}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"selected: {json.dumps(selected)}\nwrote {path}")
 
 
 def final(args: argparse.Namespace) -> None:
     """Stage 2: the selected configurations (and extra rows) over seeds, tested once."""
-    tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
+    tuning = json.loads((RESULTS / f"fair_tuning_{_study(args)}.json").read_text())
     rows = [(m, m, tuning["selected"][m]) for m in args.methods if m in tuning["selected"]]
     for name, base, changes in EXTRA_ROWS:
         if name in args.extra_rows:
@@ -329,13 +370,14 @@ def final(args: argparse.Namespace) -> None:
     for name, algo, config in rows:
         jobs = []
         for seed in range(args.seeds):
-            run_dir = args.runs / f"final-{_setting(args)}-{name}-seed{seed}"
+            run_dir = args.runs / f"final-{_study(args)}-{name}-seed{seed}"
             jobs.append(_job("final", name, algo, seed, config, args.budget, run_dir, args))
         groups.append(jobs)
-    results = run_all(interleave(groups), args, RESULTS / f"fair_final_{_setting(args)}.jsonl")
-    path = RESULTS / f"fair_final_{_setting(args)}.json"
+    results = run_all(interleave(groups), args, RESULTS / f"fair_final_{_study(args)}.jsonl")
+    path = RESULTS / f"fair_final_{_study(args)}.json"
     out = {
         "setting": _setting(args),
+        "grid": args.grid,
         "budget_cpu_seconds": args.budget,
         "seeds": args.seeds,
         "test_tasks": args.test_tasks,
@@ -346,7 +388,7 @@ def final(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-BASELINES = tuple(method for method in GRIDS if method != "mrml")
+BASELINES = tuple(method for method in METHODS if method != "mrml")
 
 
 def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
@@ -367,8 +409,8 @@ def long(args: argparse.Namespace) -> None:
     Asking for more baselines or seeds later adds them to the same log; the file lists every
     logged run (those of this call first) and every command that wrote it. Seed 0's run folder
     keeps the seedless name it had when the stage ran one seed."""
-    tuning = json.loads((RESULTS / f"fair_tuning_{_setting(args)}.json").read_text())
-    final_runs = read_log(RESULTS / f"fair_final_{_setting(args)}.jsonl")
+    tuning = json.loads((RESULTS / f"fair_tuning_{_study(args)}.json").read_text())
+    final_runs = read_log(RESULTS / f"fair_final_{_study(args)}.jsonl")
     baselines = best_baselines(final_runs, args.long_baselines)
     if len(baselines) < args.long_baselines:
         raise SystemExit(
@@ -386,21 +428,22 @@ def long(args: argparse.Namespace) -> None:
     for seed in range(args.long_seeds):
         for name in chosen:
             # seed 0's folder keeps the name it had when the stage ran one seed
-            folder = f"long-{_setting(args)}-{name}" + (f"-seed{seed}" if seed else "")
+            folder = f"long-{_study(args)}-{name}" + (f"-seed{seed}" if seed else "")
             config, budget = tuning["selected"][name], args.long_budget
             jobs.append(_job("long", name, name, seed, config, budget, args.runs / folder, args))
-    log = RESULTS / f"fair_long_{_setting(args)}.jsonl"
+    log = RESULTS / f"fair_long_{_study(args)}.jsonl"
     run_all([job for job in jobs if job["row"] in only], args, log)
     logged = {r["name"]: r for r in read_log(log)}
     asked = [logged.pop(job["name"]) for job in jobs if job["name"] in logged]
     # runs of earlier calls with more seeds or baselines stay in the file
     results = asked + sorted(logged.values(), key=lambda r: (r["row"], r["seed"]))
-    path = RESULTS / f"fair_long_{_setting(args)}.json"
+    path = RESULTS / f"fair_long_{_study(args)}.json"
     earlier = json.loads(path.read_text()).get("command", "") if path.exists() else ""
     command = " ".join(sys.argv)
     commands = [c for c in earlier.split("; ") if c and c != command] + [command]
     out = {
         "setting": _setting(args),
+        "grid": args.grid,
         "budget_cpu_seconds": args.long_budget,
         "chosen_by": "mean best validation accuracy of the final stage",
         "baselines": baselines,
@@ -594,7 +637,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None)
     parser.add_argument("--meta-batch", type=int, default=16)
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--methods", nargs="+", default=list(GRIDS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--grid",
+        choices=list(GRIDS),
+        default="2x2",
+        help="tune, final, long, report: the tuning grid whose study this is (results files "
+        "fair_<stage>_<setting>_grid<name>.json*, except 2x2's: fair_<stage>_<setting>.json*)",
+    )
     parser.add_argument("--extra-rows", nargs="*", default=[n for n, _, _ in EXTRA_ROWS])
     parser.add_argument("--tune-budget", type=float, default=90.0)
     parser.add_argument("--tune-validations", type=int, default=6)

@@ -1,9 +1,10 @@
 """The report of ``fair_comparison.py``: tables, targets with their margins, learning curves.
 
-Reads ``fair_{tuning,final,long,cost}_<setting>.json`` from benchmarks/results/ (for a stage
-that is still running, its ``.jsonl`` log) and writes
-``fair_<setting>.md`` (and ``.png`` when matplotlib is installed). Every number comes from those
-files; a target that is missed is printed with its margin.
+Reads ``fair_{tuning,final,long}_<study>.json`` (for a stage that is still running, its
+``.jsonl`` log) and ``fair_cost_<setting>.json`` from benchmarks/results/, and writes
+``fair_<study>.md`` (and ``.png`` when matplotlib is installed); the study is the setting and
+the tuning grid (``fair_comparison._study``). Every number comes from those files; a target
+that is missed is printed with its margin.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fair_comparison import read_log
+from fair_comparison import _study, read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVE_TARGET = 1e-4
@@ -157,6 +158,12 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
         "| method | configuration | iterations | best val |",
         "|---|---|---|---|",
     ]
+    if tuning.get("partial"):
+        out[2:2] = [
+            f"**Partial**: {len(tuning['runs'])} configurations run so far; nothing is "
+            "selected until every one has.",
+            "",
+        ]
     for run in tuning["runs"]:
         best = "failed" if "failed" in run else f"{100 * run['best_val']:.2f}%"
         chosen = " (selected)" if tuning["selected"].get(run["method"]) == run["config"] else ""
@@ -329,13 +336,16 @@ def plot(final: dict, path: Path) -> None:
     figure.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def _stage(name: str, setting: str) -> dict[str, Any] | None:
+_COMMANDS = {"tuning": "tune"}  # the command of a stage whose files are named otherwise
+
+
+def _stage(name: str, study: str) -> dict[str, Any] | None:
     """A stage's results: its JSON once it has finished, else what its log holds so far
     (marked ``partial``), else ``None``."""
-    done = _load(f"fair_{name}_{setting}.json")
+    done = _load(f"fair_{name}_{study}.json")
     if done is not None:
         return done
-    log = RESULTS / f"fair_{name}_{setting}.jsonl"
+    log = RESULTS / f"fair_{name}_{study}.jsonl"
     if not log.exists():
         return None
     runs = read_log(log)
@@ -346,23 +356,25 @@ def _stage(name: str, setting: str) -> dict[str, Any] | None:
         "partial": True,
         "runs": runs,
         "budget_cpu_seconds": first["time_budget"],
-        "seeds": len({r["seed"] for r in runs}),
+        "seeds": len({r.get("seed", 0) for r in runs}),  # tuning runs are all seed 0
+        "val_tasks": first.get("val_tasks"),
         "test_tasks": first["test_tasks"],
-        "command": f"benchmarks/fair_comparison.py {name} (still running)",
+        "selected": {},  # the tuning stage selects once every configuration has run
+        "command": f"benchmarks/fair_comparison.py {_COMMANDS.get(name, name)} (still running)",
     }
 
 
 def report(args: argparse.Namespace) -> None:
-    setting = f"{args.ways}way{args.shots}shot"
-    final = _stage("final", setting)
+    setting, study = f"{args.ways}way{args.shots}shot", _study(args)
+    final = _stage("final", study)
     text = markdown(
-        setting,
-        _load(f"fair_tuning_{setting}.json"),
+        setting if study == setting else f"{setting}, grid {args.grid}",
+        _load(f"fair_tuning_{study}.json") or _stage("tuning", study),
         final,
         _load(f"fair_cost_{setting}.json"),
-        _stage("long", setting),
+        _stage("long", study),
     )
-    (RESULTS / f"fair_{setting}.md").write_text(text)
+    (RESULTS / f"fair_{study}.md").write_text(text)
     if final is not None:
-        plot(final, RESULTS / f"fair_{setting}.png")
+        plot(final, RESULTS / f"fair_{study}.png")
     print(text)

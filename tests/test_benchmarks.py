@@ -315,11 +315,89 @@ def _fake_stage(
     args = argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
         validations=30, test_tasks=600, runs=tmp_path / "runs", workers=2,
-        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None,
+        long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, grid="2x2",
     )  # fmt: skip
     for key, value in options.items():
         setattr(args, key, value)
     return ran, args
+
+
+def test_every_grid_gives_every_method_the_same_number_of_distinct_configurations() -> None:
+    for name, grid in fair.GRIDS.items():
+        assert tuple(grid) == fair.METHODS, name
+        rows, columns = (int(n) for n in name.split("x"))
+        assert {len(configs) for configs in grid.values()} == {rows * columns}, name
+        for method, configs in grid.items():
+            assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs), method
+
+
+def test_tune_stage_of_a_new_grid_keeps_to_its_own_files_and_selects_on_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran, args = _fake_stage(
+        tmp_path, monkeypatch, {"mrml": {"lr": 1.0}}, methods=["mrml", "anil"], grid="3x3",
+        tune_budget=240.0, tune_validations=6,
+    )  # fmt: skip
+    # distinct scores, best at configuration 2 for mrml and 4 for anil
+    scores = {(m, i): 0.5 + 0.01 * ((k * i) % 9) for m, k in (("mrml", 4), ("anil", 2))
+              for i in range(9)}  # fmt: skip
+
+    def fake_run(job: dict, _: object) -> dict:
+        ran.append(job)
+        if "method" not in job:  # a final-stage job
+            return {**job, "result": {}}
+        index = fair.GRIDS["3x3"][job["method"]].index(job["config"])
+        return {**job, "result": {}, "best_val": scores[job["method"], index]}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "tune", "--grid", "3x3"])
+    earlier = (tmp_path / "fair_tuning_5way1shot.json").read_text()
+    fair.tune(args)
+    assert len(ran) == 18
+    assert [j["method"] for j in ran[:4]] == ["mrml", "anil", "anil", "mrml"]  # interleaved
+    for job in ran:
+        options = job["options"]
+        assert (options["time_budget"], options["val_every_seconds"]) == (240.0, 40.0)
+        assert options["test_tasks"] == 0 and options["seed"] == 0
+        assert Path(job["run_dir"]).name.startswith(f"tune-5way1shot_grid3x3-{job['method']}-")
+    written = json.loads((tmp_path / "fair_tuning_5way1shot_grid3x3.json").read_text())
+    assert written["selected"]["mrml"] == fair.GRIDS["3x3"]["mrml"][2]
+    assert written["selected"]["anil"] == fair.GRIDS["3x3"]["anil"][4]
+    assert written["grid"] == "3x3" and written["grids"]["anil"] == fair.GRIDS["3x3"]["anil"]
+    assert (tmp_path / "fair_tuning_5way1shot.json").read_text() == earlier  # 2x2's untouched
+    assert len((tmp_path / "fair_tuning_5way1shot_grid3x3.jsonl").read_text().splitlines()) == 18
+    args.methods = ["mrml"]
+    fair.final(argparse.Namespace(**{**vars(args), "extra_rows": [], "seeds": 1, "budget": 600.0}))
+    final_job = ran[-1]
+    assert final_job["options"]["lr"] == written["selected"]["mrml"]["lr"]  # the 3x3 selection
+    assert Path(final_job["run_dir"]).name == "final-5way1shot_grid3x3-mrml-seed0"
+    assert (tmp_path / "fair_final_5way1shot_grid3x3.json").exists()
+    assert not (tmp_path / "fair_final_5way1shot.json").exists()
+
+
+def test_fair_report_of_a_tuning_stage_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fair_report, "RESULTS", tmp_path)
+    options = {"time_budget": 240.0, "val_tasks": 200, "test_tasks": 0, "seed": 0}
+    runs = [
+        {"method": "mrml", "config": {"lr": 0.001}, "options": options, "best_val": 0.8,
+         "iterations": 90},
+        {"method": "anil", "config": {"lr": 0.01}, "options": options, "failed": "diverged"},
+    ]  # fmt: skip
+    (tmp_path / "fair_tuning_5way1shot_grid3x3.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in runs)
+    )
+    args = argparse.Namespace(ways=5, shots=1, grid="3x3")
+    monkeypatch.setattr(fair_report, "plot", lambda *_: None)
+    fair_report.report(args)
+    text = (tmp_path / "fair_5way1shot_grid3x3.md").read_text()
+    assert text.startswith("# Fair comparison, Omniglot 5way1shot, grid 3x3 (Lake split): tuning")
+    assert "**Partial**: 2 configurations run so far; nothing is selected" in text
+    assert "fair_comparison.py tune (still running)" in text
+    assert '| mrml | `{"lr": 0.001}` | 90 | 80.00% |' in text
+    assert '| anil | `{"lr": 0.01}` | — | failed |' in text
+    assert "(selected)" not in text
 
 
 def test_final_stage_runs_every_selected_row_and_the_extra_rows_over_seeds(
@@ -350,7 +428,7 @@ def test_final_stage_runs_every_selected_row_and_the_extra_rows_over_seeds(
 def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    selected = {m: {"lr": 0.001 * (i + 1)} for i, m in enumerate(fair.GRIDS)}
+    selected = {m: {"lr": 0.001 * (i + 1)} for i, m in enumerate(fair.METHODS)}
     ran, args = _fake_stage(tmp_path, monkeypatch, selected)
     with pytest.raises(SystemExit, match="run 'final --ways 5' first"):
         fair.long(args)  # no final stage yet: nothing to choose the baselines on
@@ -372,7 +450,7 @@ def test_long_stage_runs_mrml_and_the_two_best_baselines_at_their_tuned_settings
 def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    selected = {m: {"lr": 0.001} for m in fair.GRIDS}
+    selected = {m: {"lr": 0.001} for m in fair.METHODS}
     final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
     ran, args = _fake_stage(tmp_path, monkeypatch, selected, final, long_baselines=1)
     fair.long(args)
@@ -387,7 +465,7 @@ def test_long_stage_with_one_baseline_runs_the_best_and_a_later_call_adds_the_ne
 def test_long_stage_adds_seeds_of_the_rows_asked_for_and_keeps_every_logged_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    selected = {m: {"lr": 0.001} for m in fair.GRIDS}
+    selected = {m: {"lr": 0.001} for m in fair.METHODS}
     final = [{"row": r, "best_val": v, "seed": 0} for r, v in (("anil", 0.9), ("maml", 0.8))]
     ran, args = _fake_stage(tmp_path, monkeypatch, selected, final)
     monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "long"])
