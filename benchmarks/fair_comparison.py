@@ -67,11 +67,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The tuning grids, by name: each gives every method the same number of configurations.
 # "2x2" (the first study): the meta learning rate and the method's most important inner
 # hyperparameter (its step size, or its regulariser), two values each. "3x3": three meta
-# learning rates, and three settings of the method's inner problem around the 2x2 selections —
-# its inner step count and step where it has them (MAML, first-order MAML), iMAML's λ and
-# inner step together (measured: a step of 0.1 is above 2/L at 20-way, see the README), μ for
-# the two methods whose lower level is the head's regularised problem. mrml's Newton solve stops
-# on its tolerance and its v is exact, so it has no inner step, step count or CG count to tune.
+# learning rates, and three settings of the method's inner problem reaching past both ends of
+# what the 2x2 study selected: μ for the two methods whose lower level is the head's
+# regularised problem (0.1 was selected at 5-way, 0.01 at 20-way); the inner step for ANIL;
+# the inner step count and step together for MAML and first-order MAML; λ and the inner step
+# together for iMAML (measured: its step of 0.1 is above 2/L at 20-way, see the README; λ 0.5,
+# the smaller of the 2x2 values, was selected). ANIL's, ITD-BiO's and iMAML's step counts are
+# not tuned (10, 20, 10). mrml's Newton solve stops on its tolerance and its v is exact, so it
+# has no inner step, step count or CG count to tune.
 _META_LRS_3X3 = (1e-3, 3e-3, 1e-2)
 GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
     "2x2": {
@@ -87,8 +90,8 @@ GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
         "imaml": [{"lr": lr, "reg": reg} for lr in (1e-3, 3e-3) for reg in (0.5, 2.0)],
     },
     "3x3": {
-        "mrml": [{"lr": lr, "l2": mu} for lr in _META_LRS_3X3 for mu in (0.01, 0.03, 0.1)],
-        "itd-bio": [{"lr": lr, "l2": mu} for lr in _META_LRS_3X3 for mu in (0.01, 0.03, 0.1)],
+        "mrml": [{"lr": lr, "l2": mu} for lr in _META_LRS_3X3 for mu in (0.003, 0.03, 0.3)],
+        "itd-bio": [{"lr": lr, "l2": mu} for lr in _META_LRS_3X3 for mu in (0.003, 0.03, 0.3)],
         "anil": [{"lr": lr, "inner_lr": a} for lr in _META_LRS_3X3 for a in (0.05, 0.1, 0.2)],
         "maml": [
             {"lr": lr, "inner_steps": k, "inner_lr": a}
@@ -103,7 +106,7 @@ GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
         "imaml": [
             {"lr": lr, "reg": reg, "inner_lr": a}
             for lr in _META_LRS_3X3
-            for reg, a in ((0.5, 0.1), (0.5, 0.05), (2.0, 0.05))
+            for reg, a in ((0.5, 0.1), (0.5, 0.05), (0.25, 0.05))
         ],
     },
 }
@@ -305,6 +308,11 @@ def _setting(args: argparse.Namespace) -> str:
     return f"{args.ways}way{args.shots}shot"
 
 
+def _grid_flag(args: argparse.Namespace) -> str:
+    """`` --grid NAME`` for a study other than the first, else nothing (for messages)."""
+    return "" if args.grid == "2x2" else f" --grid {args.grid}"
+
+
 def _study(args: argparse.Namespace) -> str:
     """The setting and the tuning grid: the name of a study's results files and run folders
     (the first grid's, "2x2", have the setting's name alone)."""
@@ -415,7 +423,8 @@ def long(args: argparse.Namespace) -> None:
     if len(baselines) < args.long_baselines:
         raise SystemExit(
             f"long: the final stage's log holds {len(baselines)} baselines with results; run "
-            f"'final --ways {args.ways}' first (the long rows are chosen on its validation)"
+            f"'final --ways {args.ways}{_grid_flag(args)}' first (the long rows are chosen on "
+            "its validation)"
         )
     chosen = ["mrml", *baselines]
     only = args.long_rows or chosen

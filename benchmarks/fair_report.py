@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fair_comparison import _study, read_log
+from fair_comparison import _grid_flag, _study, read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVE_TARGET = 1e-4
@@ -339,7 +339,7 @@ def plot(final: dict, path: Path) -> None:
 _COMMANDS = {"tuning": "tune"}  # the command of a stage whose files are named otherwise
 
 
-def _stage(name: str, study: str) -> dict[str, Any] | None:
+def _stage(name: str, study: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """A stage's results: its JSON once it has finished, else what its log holds so far
     (marked ``partial``), else ``None``."""
     done = _load(f"fair_{name}_{study}.json")
@@ -360,19 +360,20 @@ def _stage(name: str, study: str) -> dict[str, Any] | None:
         "val_tasks": first.get("val_tasks"),
         "test_tasks": first["test_tasks"],
         "selected": {},  # the tuning stage selects once every configuration has run
-        "command": f"benchmarks/fair_comparison.py {_COMMANDS.get(name, name)} (still running)",
+        "command": f"benchmarks/fair_comparison.py {_COMMANDS.get(name, name)} --ways "
+        f"{args.ways}{_grid_flag(args)} (still running)",
     }
 
 
 def report(args: argparse.Namespace) -> None:
     setting, study = f"{args.ways}way{args.shots}shot", _study(args)
-    final = _stage("final", study)
+    final = _stage("final", study, args)
     text = markdown(
         setting if study == setting else f"{setting}, grid {args.grid}",
-        _load(f"fair_tuning_{study}.json") or _stage("tuning", study),
+        _stage("tuning", study, args),
         final,
         _load(f"fair_cost_{setting}.json"),
-        _stage("long", study),
+        _stage("long", study, args),
     )
     (RESULTS / f"fair_{study}.md").write_text(text)
     if final is not None:

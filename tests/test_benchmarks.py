@@ -232,7 +232,8 @@ def test_fair_report_reads_a_running_stage_from_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fair_report, "RESULTS", tmp_path)
-    assert fair_report._stage("final", "5way1shot") is None
+    args = argparse.Namespace(ways=5, grid="2x2")
+    assert fair_report._stage("final", "5way1shot", args) is None
     options = {"time_budget": 600.0, "val_every_seconds": 20.0, "test_tasks": 600}
     runs = [
         {**_final_run("mrml", 0, 0.95, [(20, 0.9)]), "options": options},
@@ -240,7 +241,7 @@ def test_fair_report_reads_a_running_stage_from_its_log(
     ]
     log = tmp_path / "fair_final_5way1shot.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in runs) + '{"row": "ma')  # torn line
-    stage = fair_report._stage("final", "5way1shot")
+    stage = fair_report._stage("final", "5way1shot", args)
     assert stage is not None and stage["partial"] and len(stage["runs"]) == 2
     text = fair_report.markdown("5way1shot", None, stage, None)
     assert "**Partial**: 2 runs logged" in text
@@ -331,6 +332,21 @@ def test_every_grid_gives_every_method_the_same_number_of_distinct_configuration
             assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs), method
 
 
+@pytest.mark.parametrize("grid", sorted(fair.GRIDS))
+def test_every_grid_configuration_is_a_command_line_the_train_command_accepts(grid: str) -> None:
+    from mrmeta.cli import build_parser, config_from_args
+
+    common = fair._common(argparse.Namespace(
+        ways=20, shots=1, queries=5, meta_batch=16, val_tasks=200, data_root=None
+    ))  # fmt: skip
+    for method, configs in fair.GRIDS[grid].items():
+        for config in configs:
+            flags = fair._flags({**common, "algo": method, "seed": 0, **config})
+            args = build_parser().parse_args(["train", "--out", "unused", *flags])
+            built = config_from_args(args)  # a key the method does not have is refused here
+            assert {key: getattr(built, key) for key in config} == config, (method, config)
+
+
 def test_tune_stage_of_a_new_grid_keeps_to_its_own_files_and_selects_on_validation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -373,6 +389,9 @@ def test_tune_stage_of_a_new_grid_keeps_to_its_own_files_and_selects_on_validati
     assert Path(final_job["run_dir"]).name == "final-5way1shot_grid3x3-mrml-seed0"
     assert (tmp_path / "fair_final_5way1shot_grid3x3.json").exists()
     assert not (tmp_path / "fair_final_5way1shot.json").exists()
+    (tmp_path / "fair_final_5way1shot_grid3x3.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="run 'final --ways 5 --grid 3x3' first"):
+        fair.long(args)  # the 3x3 study's final stage has no baselines: its own log is read
 
 
 def test_fair_report_of_a_tuning_stage_still_running(
@@ -394,10 +413,9 @@ def test_fair_report_of_a_tuning_stage_still_running(
     text = (tmp_path / "fair_5way1shot_grid3x3.md").read_text()
     assert text.startswith("# Fair comparison, Omniglot 5way1shot, grid 3x3 (Lake split): tuning")
     assert "**Partial**: 2 configurations run so far; nothing is selected" in text
-    assert "fair_comparison.py tune (still running)" in text
+    assert "fair_comparison.py tune --ways 5 --grid 3x3 (still running)" in text
     assert '| mrml | `{"lr": 0.001}` | 90 | 80.00% |' in text
     assert '| anil | `{"lr": 0.01}` | — | failed |' in text
-    assert "(selected)" not in text
 
 
 def test_final_stage_runs_every_selected_row_and_the_extra_rows_over_seeds(
