@@ -67,8 +67,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The tuning grids, by name: each gives every method the same number of configurations.
 # "2x2" (the first study): the meta learning rate and the method's most important inner
 # hyperparameter (its step size, or its regulariser), two values each. "3x3": three meta
-# learning rates, and three settings of the method's inner problem reaching past both ends of
-# what the 2x2 study selected: μ for the two methods whose lower level is the head's
+# learning rates, and three settings of the method's inner problem, with a value past each 2x2
+# selection that sat at an end of its grid: μ for the two methods whose lower level is the head's
 # regularised problem (0.1 was selected at 5-way, 0.01 at 20-way); the inner step for ANIL;
 # the inner step count and step together for MAML and first-order MAML; λ and the inner step
 # together for iMAML (measured: its step of 0.1 is above 2/L at 20-way, see the README; λ 0.5,
@@ -76,8 +76,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # not tuned (10, 20, 10). mrml's Newton solve stops on its tolerance and its v is exact, so it
 # has no inner step, step count or CG count to tune.
 _META_LRS_3X3 = (1e-3, 3e-3, 1e-2)
+FIRST_GRID = "2x2"  # its study's files have the setting's name alone (see _study)
 GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
-    "2x2": {
+    FIRST_GRID: {
         "mrml": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
         "itd-bio": [{"lr": lr, "l2": mu} for lr in (1e-3, 3e-3) for mu in (0.01, 0.1)],
         "anil": [{"lr": lr, "inner_lr": a} for lr in (1e-3, 3e-3) for a in (0.1, 0.5)],
@@ -110,7 +111,7 @@ GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
         ],
     },
 }
-METHODS = tuple(GRIDS["2x2"])
+METHODS = tuple(GRIDS[FIRST_GRID])
 
 # mrml with the paper's lower level and its code's settings (not tuned): the recipe users get.
 PAPER_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "mrml-paper.toml"
@@ -310,13 +311,13 @@ def _setting(args: argparse.Namespace) -> str:
 
 def _grid_flag(args: argparse.Namespace) -> str:
     """`` --grid NAME`` for a study other than the first, else nothing (for messages)."""
-    return "" if args.grid == "2x2" else f" --grid {args.grid}"
+    return "" if args.grid == FIRST_GRID else f" --grid {args.grid}"
 
 
 def _study(args: argparse.Namespace) -> str:
     """The setting and the tuning grid: the name of a study's results files and run folders
-    (the first grid's, "2x2", have the setting's name alone)."""
-    return _setting(args) + ("" if args.grid == "2x2" else f"_grid{args.grid}")
+    (the first grid's have the setting's name alone)."""
+    return _setting(args) + ("" if args.grid == FIRST_GRID else f"_grid{args.grid}")
 
 
 def tune(args: argparse.Namespace) -> None:
@@ -650,7 +651,7 @@ def main() -> None:
     parser.add_argument(
         "--grid",
         choices=list(GRIDS),
-        default="2x2",
+        default=FIRST_GRID,
         help="tune, final, long, report: the tuning grid whose study this is (results files "
         "fair_<stage>_<setting>_grid<name>.json*, except 2x2's: fair_<stage>_<setting>.json*)",
     )

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fair_comparison import _grid_flag, _study, read_log
+from fair_comparison import _grid_flag, _setting, _study, read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVE_TARGET = 1e-4
@@ -339,9 +339,10 @@ def plot(final: dict, path: Path) -> None:
 _COMMANDS = {"tuning": "tune"}  # the command of a stage whose files are named otherwise
 
 
-def _stage(name: str, study: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    """A stage's results: its JSON once it has finished, else what its log holds so far
-    (marked ``partial``), else ``None``."""
+def _stage(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """A stage's results in the study of ``args`` (:func:`fair_comparison._study`): its JSON
+    once it has finished, else what its log holds so far (marked ``partial``), else ``None``."""
+    study = _study(args)
     done = _load(f"fair_{name}_{study}.json")
     if done is not None:
         return done
@@ -366,14 +367,14 @@ def _stage(name: str, study: str, args: argparse.Namespace) -> dict[str, Any] | 
 
 
 def report(args: argparse.Namespace) -> None:
-    setting, study = f"{args.ways}way{args.shots}shot", _study(args)
-    final = _stage("final", study, args)
+    setting, study = _setting(args), _study(args)
+    final = _stage("final", args)
     text = markdown(
         setting if study == setting else f"{setting}, grid {args.grid}",
-        _stage("tuning", study, args),
+        _stage("tuning", args),
         final,
         _load(f"fair_cost_{setting}.json"),
-        _stage("long", study, args),
+        _stage("long", args),
     )
     (RESULTS / f"fair_{study}.md").write_text(text)
     if final is not None:

@@ -232,8 +232,8 @@ def test_fair_report_reads_a_running_stage_from_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fair_report, "RESULTS", tmp_path)
-    args = argparse.Namespace(ways=5, grid="2x2")
-    assert fair_report._stage("final", "5way1shot", args) is None
+    args = argparse.Namespace(ways=5, shots=1, grid="2x2")
+    assert fair_report._stage("final", args) is None
     options = {"time_budget": 600.0, "val_every_seconds": 20.0, "test_tasks": 600}
     runs = [
         {**_final_run("mrml", 0, 0.95, [(20, 0.9)]), "options": options},
@@ -241,7 +241,7 @@ def test_fair_report_reads_a_running_stage_from_its_log(
     ]
     log = tmp_path / "fair_final_5way1shot.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in runs) + '{"row": "ma')  # torn line
-    stage = fair_report._stage("final", "5way1shot", args)
+    stage = fair_report._stage("final", args)
     assert stage is not None and stage["partial"] and len(stage["runs"]) == 2
     text = fair_report.markdown("5way1shot", None, stage, None)
     assert "**Partial**: 2 runs logged" in text
