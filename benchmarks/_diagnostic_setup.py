@@ -1,7 +1,7 @@
 """What the diagnostics (``imaml_breakdowns.py``, ``first_order_gap.py``, ``newton_start.py``,
-``frozen_protocol_step.py``, ``run_trajectory.py``) share: their command-line options, the
-Omniglot meta-batch they measure on, the network states (the initial one and any checkpoints),
-the learner built at each state, and how results are written."""
+``class_block_solve.py``, ``frozen_protocol_step.py``, ``run_trajectory.py``) share: their
+command-line options, the Omniglot meta-batch they measure on, the network states (the initial
+one and any checkpoints), the learner built at each state, and how results are written."""
 
 from __future__ import annotations
 

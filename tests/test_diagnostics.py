@@ -188,6 +188,30 @@ def test_diagnostic_commands_write_their_tables(
     assert "initial network (seed 0)" in table and written["command"] in table
 
 
+class_block_solve = load_benchmark("class_block_solve")
+
+
+@needs_omniglot
+def test_class_block_solve_times_both_exact_solves_which_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["class_block_solve", "--settings", "3x1", "4x2", "--meta-batch", "2", "--repeats", "1"]
+    argv += ["--data-root", str(DATA_ROOT), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    class_block_solve.main()
+    from mrmeta import lower_level
+
+    written = json.loads((tmp_path / "class_block_solve.json").read_text())
+    assert written["small_system"] == lower_level.SMALL_SYSTEM > 32  # the switch is restored
+    assert [(r["setting"], r["logits"]) for r in written["rows"]] == [("3x1", 9), ("4x2", 32)]
+    for row in written["rows"]:
+        assert row["relative_difference_max"] < 1e-10
+        for solve in row["solves"].values():
+            assert solve["ms_per_solve"] > 0 and solve["relative_residual_max"] < 1e-10
+    table = (tmp_path / "class_block_solve.md").read_text()
+    assert written["command"] in table and "| 4x2 | 32 |" in table
+
+
 frozen_step = load_benchmark("frozen_protocol_step")
 
 
