@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import inspect
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -579,7 +581,7 @@ _EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "cg_iters": 20,
         "cg_tol": 0.0,
         "exact_v": True,
-        "l2": 0.1,
+        "l2": 0.03,
         "loss": "cross_entropy",
         "warm_start_head": False,
         "warm_start_cg": False,
@@ -590,22 +592,22 @@ _EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
     "itd-bio": {
         "inner_steps": 20,
         "inner_lr": "auto",
-        "l2": 0.1,
+        "l2": 0.03,
         "first_order": False,
         "meta_lr": 3e-3,
     },
-    "anil": {"inner_steps": 10, "inner_lr": 0.1, "first_order": False, "meta_lr": 3e-3},
-    "maml": {"inner_steps": 1, "inner_lr": 0.4, "first_order": False, "meta_lr": 1e-3},
-    "fomaml": {"inner_steps": 5, "inner_lr": 0.1, "meta_lr": 3e-3},
+    "anil": {"inner_steps": 10, "inner_lr": 0.05, "first_order": False, "meta_lr": 1e-3},
+    "maml": {"inner_steps": 1, "inner_lr": 0.4, "first_order": False, "meta_lr": 3e-3},
+    "fomaml": {"inner_steps": 10, "inner_lr": 0.1, "meta_lr": 1e-3},
     "imaml": {
         "inner_steps": 10,
         "inner_lr": 0.1,
         "reg": 0.5,
         "cg_iters": 5,
         "cg_tol": 0.0,
-        "meta_lr": 3e-3,
+        "meta_lr": 1e-3,
     },
-}  # the tuned values: benchmarks/results/fair_tuning_5way1shot.json
+}
 _COMMON_DEFAULTS = {"loss": "cross_entropy", "chunk_size": 1}
 
 
@@ -623,6 +625,21 @@ def test_defaults_signature_and_options_agree(name: str) -> None:
     assert keywords == expected
     learner = _BUILDERS[name.replace("-", "_")]() if name != "mrml" else _mrml()
     assert {k: getattr(learner.options, k) for k in expected} == expected
+
+
+_TUNING = Path(__file__).parents[1] / "benchmarks/results/fair_tuning_5way1shot_grid3x3.json"
+_TUNED_KEYS = {"lr": "meta_lr"}  # the tuning grid's names that differ from the options' names
+
+
+def test_tuned_defaults_are_the_tuning_studys_selection() -> None:
+    """Every default marked "tuned" is the configuration the committed tuning study selected
+    on the validation split, for every method it tuned."""
+    selected = json.loads(_TUNING.read_text())["selected"]
+    assert set(selected) == set(_EXPECTED_DEFAULTS)
+    for name, config in selected.items():
+        tuned = {_TUNED_KEYS.get(k, k): v for k, v in config.items()}
+        defaults = algorithm_defaults(name)
+        assert {k: defaults[k] for k in tuned} == tuned, name
 
 
 def _mrml() -> ChunkedLearner:
