@@ -53,9 +53,9 @@ from mrmeta.inner import gradient_steps
 
 SOLVERS = ("newton", "gd")
 CG_CAP = 100  # Newton-CG's iterations per direction for heads without closed forms
-SMALL_SYSTEM = 192  # logits (n·C) up to which a Newton system is solved in the logit space:
-# measured on one CPU thread, the logit-space solve is faster at 144 logits, the class-block
-# solve at 225 (benchmarks/results/class_block_solve.md)
+SMALL_SYSTEM = 128  # logits (n·C) up to which a Newton system is solved in the logit space:
+# measured on one CPU thread, the logit-space solve is faster at 125 logits (5-way 5-shot), the
+# class-block solve at 144 (12-way 1-shot) (benchmarks/results/class_block_solve.md)
 # Newton's start is chosen among α = 0 and α = 2^(k/2) for these k on the ray through the
 # squared-loss solution (LinearHeadProblem.newton_start): steps of √2 from 1/64 to 1024, wide
 # enough for the scales measured on Omniglot (α ≈ 3–18) with room on both sides.
@@ -149,7 +149,7 @@ class _LogitLoss(ABC):
 
     @abstractmethod
     def state(self, logits: Tensor) -> Tensor:
-        """What :meth:`hvp` and :meth:`blocks` need at ``U``."""
+        """What :meth:`hvp` and :meth:`hessian_parts` need at ``U``."""
 
     @abstractmethod
     def residual(self, state: Tensor, labels: Tensor) -> Tensor:
@@ -161,14 +161,18 @@ class _LogitLoss(ABC):
 
     @abstractmethod
     def hessian_parts(self, state: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The Hessian in ``U``, block-diagonal over examples, as a diagonal minus a rank-one
-        term per example: ``S_j = diag(s_j) − u_j u_jᵀ``. Returns ``s (T, n, C)`` and
-        ``u (T, n, C)``, or ``None`` where ``u = 0``."""
+        """The Hessian in ``U``, block-diagonal over examples: a diagonal, or a diagonal
+        scaling of a projector,
+        ``S_j = diag(√s_j) (I − w_j w_jᵀ) diag(√s_j)`` with ``‖w_j‖ = 1``. Returns
+        ``s (T, n, C)`` and ``w (T, n, C)``, or ``None`` where ``S_j = diag(s_j)``.
+
+        The unit ``w_j`` is what lets the class-block solve form its capacitance without a
+        difference of nearly equal terms (:func:`_class_block_solve`)."""
 
 
 class _CrossEntropy(_LogitLoss):
     r"""Mean softmax cross-entropy: ``R = (P − Y)/n``, ``∂²L/∂U² · D = P ⊙ (D − ⟨P, D⟩)/n``,
-    ``S_j = (diag p_j − p_j p_jᵀ)/n``: ``s_j = p_j/n``, ``u_j = p_j/√n``."""
+    ``S_j = (diag p_j − p_j p_jᵀ)/n``: ``s_j = p_j/n``, ``w_j = √p_j`` (unit: ``Σ_a p_ja = 1``)."""
 
     def value(self, logits: Tensor, labels: Tensor) -> Tensor:
         return task_losses(logits, labels, "cross_entropy")
@@ -185,13 +189,12 @@ class _CrossEntropy(_LogitLoss):
         return state * centred / state.shape[1]
 
     def hessian_parts(self, state: Tensor) -> tuple[Tensor, Tensor | None]:
-        n = state.shape[1]
-        return state / n, state / n**0.5
+        return state / state.shape[1], state.sqrt()
 
 
 class _SquaredError(_LogitLoss):
     r"""Mean squared error over the ``n·C`` entries: ``R = 2(U − Y)/(nC)``,
-    ``∂²L/∂U² · D = 2D/(nC)``, ``S_j = 2I/(nC)``: ``s_j = 2/(nC)``, ``u_j = 0``."""
+    ``∂²L/∂U² · D = 2D/(nC)``, ``S_j = 2I/(nC)``: ``s_j = 2/(nC)``, no projector."""
 
     def value(self, logits: Tensor, labels: Tensor) -> Tensor:
         return task_losses(logits, labels, "mse")
@@ -470,7 +473,8 @@ class _LinearCurvature(Curvature):
 
     :meth:`solve` applies ``H⁻¹ = (Jᵀ S J + μ I)⁻¹`` exactly, in float64, with ``J`` the map
     from ``Θ = [W, b]`` to the logits, ``Z̃ = [Z, 1] (n, m)``, ``m = d + 1``, ``G̃ = Z̃ Z̃ᵀ`` and
-    the per-example blocks ``S_j = diag(s_j) − u_j u_jᵀ`` (:meth:`_LogitLoss.hessian_parts`).
+    the per-example blocks ``S_j = diag(√s_j) (I − w_j w_jᵀ) diag(√s_j)``
+    (:meth:`_LogitLoss.hessian_parts`).
     Up to ``SMALL_SYSTEM`` logits (``n·C``) it solves one system in the logit space
     (:func:`_logit_space_solve`; 25 unknowns at 5-way 1-shot); beyond, it uses the class-block
     structure of ``H`` (:func:`_class_block_solve`: ``C`` systems of size ``min(n, m)`` and one
@@ -497,36 +501,29 @@ class _LinearCurvature(Curvature):
         return wrt_features, {k: -self.problem.l2 * t for k, t in v.items()}
 
     def solve(self, rhs: Mapping[str, Tensor]) -> TensorDict:
-        """Exact, in float64 (see the class docstring); the result in ``rhs``'s precision."""
+        """Exact, in float64 (see the class docstring), the loss's state included (a float32
+        softmax sums to 1 only to about 1e-7); the result in ``rhs``'s precision."""
         wide = torch.float64
         features = _with_ones(self.problem.features).to(wide)
         gram = self.problem.gram  # computed once per problem; the Newton solves are in float64
         gram = gram if gram.dtype == wide else torch.bmm(features, features.mT)
-        diag, rank_one = self.problem.logit_loss.hessian_parts(self.state.to(wide))
+        state = self.state
+        if state.dtype != wide:
+            logits = torch.bmm(features, _stack_head(self.phi).to(wide).mT)
+            state = self.problem.logit_loss.state(logits)
+        diag, unit = self.problem.logit_loss.hessian_parts(state)
         stacked = _stack_head(rhs).to(wide)
         n, c = diag.shape[1:]
         solver = _logit_space_solve if n * c <= SMALL_SYSTEM else _class_block_solve
-        x = solver(features, gram, diag, rank_one, self.problem.l2, stacked)
+        x = solver(features, gram, diag, unit, self.problem.l2, stacked)
         return _split_head(x.to(rhs["weight"].dtype))
 
 
-def _stacked_hvp(
-    features: Tensor, diag: Tensor, rank_one: Tensor | None, l2: float, x: Tensor
-) -> Tensor:
-    """``H x = Jᵀ S J x + μ x`` on the stacked head: ``Z̃ (T, n, m)``, ``s, u (T, n, C)``,
-    ``x (T, C, m)`` → ``(T, C, m)``, with ``S_j D_j = s_j ⊙ D_j − u_j ⟨u_j, D_j⟩``."""
-    logits = torch.bmm(features, x.mT)  # D = J x (T, n, C)
-    curved = diag * logits
-    if rank_one is not None:
-        curved = curved - rank_one * (rank_one * logits).sum(-1, keepdim=True)
-    return torch.bmm(curved.mT, features) + l2 * x
-
-
 def _logit_space_solve(
-    features: Tensor, gram: Tensor, diag: Tensor, rank_one: Tensor | None, l2: float, rhs: Tensor
+    features: Tensor, gram: Tensor, diag: Tensor, unit: Tensor | None, l2: float, rhs: Tensor
 ) -> Tensor:
     r"""``(Jᵀ S J + μ I)⁻¹ r`` through the ``n·C`` logits: ``Z̃ (T, n, m)``, ``G̃ (T, n, n)``,
-    ``s, u (T, n, C)``, ``r (T, C, m)`` → ``(T, C, m)``.
+    ``s, w (T, n, C)`` (:meth:`_LogitLoss.hessian_parts`), ``r (T, C, m)`` → ``(T, C, m)``.
 
     With ``t = J x`` (so ``J Jᵀ = G̃ ⊗ I_C``), ``μ x = r − Jᵀ S t`` gives::
 
@@ -537,7 +534,8 @@ def _logit_space_solve(
     ``μ I + S^{1/2} (G̃ ⊗ I_C) S^{1/2}``, ``≥ μ``), solved by LU. Cheapest for small ``n·C``."""
     tasks, n, c = diag.shape
     blocks = torch.diag_embed(diag)  # S_k (T, n, C, C)
-    if rank_one is not None:
+    if unit is not None:
+        rank_one = diag.sqrt() * unit  # S_k = diag(s_k) − u_k u_kᵀ, u_k = √s_k ⊙ w_k
         blocks = blocks - rank_one.unsqueeze(-1) * rank_one.unsqueeze(-2)
     system = torch.einsum("tjk,tkab->tjakb", gram, blocks).reshape(tasks, n * c, n * c)
     system.diagonal(dim1=-2, dim2=-1).add_(l2)
@@ -548,63 +546,63 @@ def _logit_space_solve(
 
 
 def _class_block_solve(
-    features: Tensor, gram: Tensor, diag: Tensor, rank_one: Tensor | None, l2: float, rhs: Tensor
+    features: Tensor, gram: Tensor, diag: Tensor, unit: Tensor | None, l2: float, rhs: Tensor
 ) -> Tensor:
     r"""``(Jᵀ S J + μ I)⁻¹ r`` by the class-block structure of ``H``: same shapes as
     :func:`_logit_space_solve`.
 
+    With ``S_j = diag(s_j) − u_j u_jᵀ``, ``u_j = √s_j ⊙ w_j``, the sum
     ``Σ_j diag(s_j) ⊗ z̃_j z̃_jᵀ`` is block-diagonal over the classes ``a``, so::
 
         H = B − V Vᵀ,   B = blockdiag_a(B_a),   B_a = μ I_m + Z̃ᵀ diag(s_{·a}) Z̃,
-        V = [v_1 … v_n],   (v_j)_a = u_{ja} z̃_j                (u = 0: H = B)
+        V = [v_1 … v_n],   (v_j)_a = u_{ja} z̃_j                (no projector: H = B)
 
-    and Woodbury's identity with the ``n``-square capacitance ``E = I − Vᵀ B⁻¹ V`` (positive
-    definite because ``H`` is)::
+    and Woodbury's identity with the ``n``-square capacitance ``E = I − Vᵀ B⁻¹ V``::
 
-        H⁻¹ r = B⁻¹ (r + V E⁻¹ Vᵀ B⁻¹ r),     E_jk = δ_jk − Σ_a u_ja u_ka (Z̃ B_a⁻¹ Z̃ᵀ)_jk
+        H⁻¹ r = B⁻¹ (r + V E⁻¹ Vᵀ B⁻¹ r)
 
-    Each ``B_a`` is factored in the smaller of its two spaces (:func:`_class_blocks`): ``C``
-    systems of size ``min(n, m)`` and one of size ``n``, against one of size ``n·C`` in the
-    logit space (``20 × 20`` and ``20 × 20`` against ``400 × 400`` at 20-way 1-shot). Where the
-    fit is tight (``p_j`` near one-hot, small ``μ``), ``E`` is a small difference of order-one
-    terms and loses digits, so one step of iterative refinement against the exact product
-    (:func:`_stacked_hvp`) follows, reusing the factors."""
-    apply_inverse, kernel = _class_blocks(features, gram, diag.mT, l2)
-    if rank_one is None:
+    Written as ``I`` minus a sum, ``E`` is a small difference of order-one terms where the fit
+    is tight (``p_j`` near one-hot, small ``μ``) and loses every digit. With
+    ``ρ_a = diag(√s_{·a})``, ``K_a = Z̃ B_a⁻¹ Z̃ᵀ`` and the complement
+    ``Ω_a = I − ρ_a K_a ρ_a`` (:func:`_class_blocks`), ``Σ_a w_ja² = 1`` cancels the identity
+    exactly::
+
+        E = I − Σ_a diag(w_a) ρ_a K_a ρ_a diag(w_a) = Σ_a diag(w_a) Ω_a diag(w_a)
+
+    a sum of positive semi-definite terms (solved by LU, which a rounding error at the edge of
+    definiteness cannot break). Each ``B_a`` is factored in
+    the smaller of its two spaces: ``C`` systems of size ``min(n, m)`` and one of size ``n``,
+    against one of size ``n·C`` in the logit space (``20 × 20`` and ``20 × 20`` against
+    ``400 × 400`` at 20-way 1-shot)."""
+    apply_inverse, complement = _class_blocks(features, gram, diag.mT, l2)
+    if unit is None:
         return apply_inverse(rhs)
-    u = rank_one.mT  # (T, C, n)
-    capacitance = torch.einsum("tcj,tcjk,tck->tjk", u, kernel(), u).neg_()
-    capacitance.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    lu, pivots = torch.linalg.lu_factor(capacitance)
-
-    def once(r: Tensor) -> Tensor:
-        y = apply_inverse(r)  # B⁻¹ r
-        projected = (u * torch.bmm(y, features.mT)).sum(1, keepdim=True).mT  # Vᵀ B⁻¹ r (T, n, 1)
-        w = torch.linalg.lu_solve(lu, pivots, projected).mT  # (T, 1, n)
-        return y + apply_inverse(torch.bmm(u * w, features))  # + B⁻¹ V w
-
-    x = once(rhs)
-    return x + once(rhs - _stacked_hvp(features, diag, rank_one, l2, x))
+    w = unit.mT  # (T, C, n)
+    u = diag.mT.sqrt() * w
+    capacitance = torch.einsum("tcj,tcjk,tck->tjk", w, complement(), w)
+    y = apply_inverse(rhs)  # B⁻¹ r
+    projected = (u * torch.bmm(y, features.mT)).sum(1).unsqueeze(-1)  # Vᵀ B⁻¹ r (T, n, 1)
+    coefficients = torch.linalg.solve(capacitance, projected).mT  # E⁻¹ Vᵀ B⁻¹ r (T, 1, n)
+    return y + apply_inverse(torch.bmm(u * coefficients, features))  # + B⁻¹ V (…)
 
 
 def _class_blocks(
     features: Tensor, gram: Tensor, diag: Tensor, l2: float
 ) -> tuple[Callable[[Tensor], Tensor], Callable[[], Tensor]]:
-    r"""The blocks ``B_a = μ I_m + Z̃ᵀ diag(s_a) Z̃`` for ``Z̃ (T, n, m)``, ``G̃ (T, n, n)``,
-    ``s (T, C, n)`` (one row per class), factored by Cholesky. Returns ``y ↦ B⁻¹ y`` on
-    ``(T, C, m)`` and ``K = Z̃ B_a⁻¹ Z̃ᵀ (T, C, n, n)``.
+    r"""The blocks ``B_a = μ I_m + Z̃ᵀ ρ_a² Z̃`` for ``Z̃ (T, n, m)``, ``G̃ (T, n, n)``,
+    ``s (T, C, n)`` (one row per class), ``ρ_a = diag(√s_a)``, factored by Cholesky. Returns
+    ``y ↦ B⁻¹ y`` on ``(T, C, m)`` and the complement ``Ω_a = I − ρ_a Z̃ B_a⁻¹ Z̃ᵀ ρ_a``
+    ``(T, C, n, n)``.
 
-    For ``n ≤ m``, Woodbury in the ``n`` space with ``ρ_a = √s_a``, ``M_a = μ I + ρ_a G̃ ρ_a``
-    (``ρ`` as a diagonal)::
+    For ``n ≤ m``, Woodbury in the ``n`` space with ``M_a = μ I + ρ_a G̃ ρ_a``::
 
-        B_a⁻¹ y = (y − Z̃ᵀ ρ_a M_a⁻¹ ρ_a Z̃ y) / μ,     K_a = (G̃ − G̃ ρ_a M_a⁻¹ ρ_a G̃) / μ
+        B_a⁻¹ y = (y − Z̃ᵀ ρ_a M_a⁻¹ ρ_a Z̃ y) / μ,     Ω_a = μ M_a⁻¹
 
-    else ``B_a`` itself, ``m``-square."""
+    (no subtraction); else ``B_a`` itself, ``m``-square, and ``Ω_a`` as the difference."""
     n, m = features.shape[1:]
     if n <= m:
         root = diag.sqrt()  # ρ (T, C, n)
-        scaled_gram = root.unsqueeze(-1) * gram.unsqueeze(1)  # ρ_a G̃ (T, C, n, n)
-        small = scaled_gram * root.unsqueeze(-2)
+        small = root.unsqueeze(-1) * gram.unsqueeze(1) * root.unsqueeze(-2)  # ρ_a G̃ ρ_a
         small.diagonal(dim1=-2, dim2=-1).add_(l2)
         chol = torch.linalg.cholesky(small)
 
@@ -613,11 +611,10 @@ def _class_blocks(
             coefficients = root * torch.cholesky_solve(inner, chol).squeeze(-1)
             return (y - torch.bmm(coefficients, features)) / l2
 
-        def kernel() -> Tensor:
-            solved = torch.cholesky_solve(scaled_gram, chol)  # M_a⁻¹ ρ_a G̃
-            return (gram.unsqueeze(1) - scaled_gram.mT @ solved) / l2
+        def complement() -> Tensor:
+            return l2 * torch.cholesky_inverse(chol)
 
-        return apply_inverse, kernel
+        return apply_inverse, complement
     blocks = torch.einsum("tnx,tan,tny->taxy", features, diag, features)
     blocks.diagonal(dim1=-2, dim2=-1).add_(l2)
     chol = torch.linalg.cholesky(blocks)
@@ -625,11 +622,12 @@ def _class_blocks(
     def apply_dense(y: Tensor) -> Tensor:
         return torch.cholesky_solve(y.unsqueeze(-1), chol).squeeze(-1)
 
-    def kernel_dense() -> Tensor:
-        columns = features.mT.unsqueeze(1).expand(-1, diag.shape[1], -1, -1)  # Z̃ᵀ per class
-        return features.unsqueeze(1) @ torch.cholesky_solve(columns, chol)
+    def complement_dense() -> Tensor:
+        scaled = features.mT.unsqueeze(1) * diag.sqrt().unsqueeze(-2)  # Z̃ᵀ ρ_a (T, C, m, n)
+        half = torch.linalg.solve_triangular(chol, scaled, upper=False)  # L_a⁻¹ Z̃ᵀ ρ_a
+        return torch.eye(n, dtype=features.dtype) - half.mT @ half
 
-    return apply_dense, kernel_dense
+    return apply_dense, complement_dense
 
 
 class AutogradHeadProblem(HeadProblem):
