@@ -541,7 +541,7 @@ def _logit_space_solve(
     system.diagonal(dim1=-2, dim2=-1).add_(l2)
     logits_rhs = torch.bmm(features, rhs.mT).reshape(tasks, n * c, 1)  # J r
     t = torch.linalg.solve(system, logits_rhs).view(tasks, n, c)
-    curved = torch.einsum("tkab,tkb->tka", blocks, t)  # S t
+    curved = (blocks * t.unsqueeze(-2)).sum(-1)  # S t (T, n, C)
     return (rhs - torch.bmm(curved.mT, features)) / l2
 
 
@@ -579,7 +579,7 @@ def _class_block_solve(
         return apply_inverse(rhs)
     w = unit.mT  # (T, C, n)
     u = diag.mT.sqrt() * w
-    capacitance = torch.einsum("tcj,tcjk,tck->tjk", w, complement(), w)
+    capacitance = (w.unsqueeze(-1) * complement() * w.unsqueeze(-2)).sum(1)  # Σ_a w_a Ω_a w_a
     y = apply_inverse(rhs)  # B⁻¹ r
     projected = (u * torch.bmm(y, features.mT)).sum(1).unsqueeze(-1)  # Vᵀ B⁻¹ r (T, n, 1)
     coefficients = torch.linalg.solve(capacitance, projected).mT  # E⁻¹ Vᵀ B⁻¹ r (T, 1, n)
