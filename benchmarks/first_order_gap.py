@@ -4,9 +4,9 @@ First-order MAML replaces the Jacobian ``∂φ^K/∂θ = Π_k (I − α H_k)`` o
 steps by the identity, so its meta-gradient is ``(1/B) Σ_t ∇L_t^q(φ_t^K)`` instead of MAML's
 ``(1/B) Σ_t [Π_k (I − α H_k)]ᵀ ∇L_t^q(φ_t^K)``. The two agree when ``α‖H_k‖`` is small and
 part ways when the inner steps see strong curvature. This script computes both, with the same
-inner loop (``--inner-steps``, ``--inner-lr``: first-order MAML's tuned setting by default), on
-one meta-batch of Omniglot training tasks (16 tasks, 1 shot, 5 queries), at the initial
-network (seed 0) and at each ``--checkpoint``, and reports
+inner loop (``--inner-steps``, ``--inner-lr``: by default the first tuning study's first-order
+MAML setting, 5 steps of 0.1), on one meta-batch of Omniglot training tasks (16 tasks, 1 shot,
+5 queries), at the initial network (seed 0) and at each ``--checkpoint``, and reports
 
 * the cosine between the two meta-gradients (1: the same direction; ≤ 0: first-order MAML's
   step does not descend MAML's objective to first order), and
