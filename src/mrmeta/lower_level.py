@@ -570,10 +570,9 @@ def _class_block_solve(
         E = I − Σ_a diag(w_a) ρ_a K_a ρ_a diag(w_a) = Σ_a diag(w_a) Ω_a diag(w_a)
 
     a sum of positive semi-definite terms (solved by LU, which a rounding error at the edge of
-    definiteness cannot break). Each ``B_a`` is factored in
-    the smaller of its two spaces: ``C`` systems of size ``min(n, m)`` and one of size ``n``,
-    against one of size ``n·C`` in the logit space (``20 × 20`` and ``20 × 20`` against
-    ``400 × 400`` at 20-way 1-shot)."""
+    definiteness cannot break). Each ``B_a`` is factored in the smaller of its two spaces:
+    ``C`` systems of size ``min(n, m)`` and one of size ``n``, against one of size ``n·C`` in
+    the logit space (``20 × 20`` and ``20 × 20`` against ``400 × 400`` at 20-way 1-shot)."""
     apply_inverse, complement = _class_blocks(features, gram, diag.mT, l2)
     if unit is None:
         return apply_inverse(rhs)
