@@ -509,7 +509,7 @@ class _LinearCurvature(Curvature):
         gram = gram if gram.dtype == wide else torch.bmm(features, features.mT)
         state = self.state
         if state.dtype != wide:
-            logits = torch.bmm(features, _stack_head(self.phi).to(wide).mT)
+            logits = linear_logits(self.problem.features.to(wide), _cast(self.phi, wide))
             state = self.problem.logit_loss.state(logits)
         diag, unit = self.problem.logit_loss.hessian_parts(state)
         stacked = _stack_head(rhs).to(wide)

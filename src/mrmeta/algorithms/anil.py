@@ -12,8 +12,6 @@ from mrmeta.algorithms._head_learner import HeadUnrolledLearner, UnrolledHeadOpt
 class ANILOptions(UnrolledHeadOptions):
     """:class:`ANIL`'s options and their defaults (documented there)."""
 
-    # Fields marked "tuned": selected on the validation split by the fair comparison's 3x3
-    # study at Omniglot 5-way 1-shot (benchmarks/results/fair_tuning_5way1shot_grid3x3.json).
     meta_lr: float = 0.001  # tuned
     inner_steps: int = 10
     inner_lr: float | Literal["auto"] = 0.05  # tuned

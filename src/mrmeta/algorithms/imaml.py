@@ -26,8 +26,6 @@ from mrmeta.tasks import TaskBatch
 class IMAMLOptions(WholeNetworkOptions):
     """:class:`IMAML`'s options and their defaults (documented there)."""
 
-    # Fields marked "tuned": selected on the validation split by the fair comparison's 3x3
-    # study at Omniglot 5-way 1-shot (benchmarks/results/fair_tuning_5way1shot_grid3x3.json).
     meta_lr: float = 0.001  # tuned
     inner_steps: int = 10
     inner_lr: float = 0.1  # tuned

@@ -19,8 +19,6 @@ from mrmeta.tasks import TaskBatch
 class MAMLOptions(WholeNetworkOptions):
     """:class:`MAML`'s options and their defaults (documented there)."""
 
-    # Fields marked "tuned": selected on the validation split by the fair comparison's 3x3
-    # study at Omniglot 5-way 1-shot (benchmarks/results/fair_tuning_5way1shot_grid3x3.json).
     meta_lr: float = 0.003  # tuned
     inner_steps: int = 1  # tuned
     inner_lr: float = 0.4  # tuned
@@ -35,8 +33,6 @@ class MAMLOptions(WholeNetworkOptions):
 class FOMAMLOptions(MAMLOptions):
     """:class:`FOMAML`'s options: :class:`MAMLOptions` less ``first_order``, which is fixed."""
 
-    # Fields marked "tuned": selected on the validation split by the fair comparison's 3x3
-    # study at Omniglot 5-way 1-shot (benchmarks/results/fair_tuning_5way1shot_grid3x3.json).
     inner_lr: float = 0.1  # tuned
     inner_steps: int = 10  # tuned
     meta_lr: float = 0.001  # tuned

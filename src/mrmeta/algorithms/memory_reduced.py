@@ -31,8 +31,6 @@ WARM_CG_NEEDS_CG = (
 class MemoryReducedOptions(HeadOptions):
     """:class:`MemoryReduced`'s options and their defaults (documented there)."""
 
-    # Fields marked "tuned": selected on the validation split by the fair comparison's 3x3
-    # study at Omniglot 5-way 1-shot (benchmarks/results/fair_tuning_5way1shot_grid3x3.json).
     meta_lr: float = 0.003  # tuned
     inner_solver: Solver = "newton"
     inner_steps: int = 50
