@@ -17,6 +17,11 @@ Every method goes through the same protocol (docs/design.md, "Fair comparisons")
   ``--long-baselines`` (default two) baselines with the best mean validation accuracy in the
   final stage, ``--long-seeds`` seeds each (default one; ``--long-rows`` limits which rows
   run), each tested once.
+* ``speed``: where the final stage's validation grid cannot order mrml and a baseline in
+  reaching 0.9 × mrml's mean best validation accuracy (their mean times are within one
+  validation spacing), those rows again, same seeds and settings, for ``--speed-budget``
+  seconds validated ``--speed-validations`` times (default every 4 s instead of every 20 s);
+  validation only, the test split is not read (:func:`undecided_rows`).
 * ``cost``: seconds per meta-iteration of mrml and ANIL at their defaults, interleaved in one
   process with one thread, as a median of paired per-round ratios; also the part of mrml's
   iteration spent in its head work (the lower-level solve and the hypergradient), which says
@@ -35,6 +40,7 @@ Commands (results in benchmarks/results/)::
     python benchmarks/fair_comparison.py final --ways 5
     python benchmarks/fair_comparison.py long --ways 5
     python benchmarks/fair_comparison.py long --ways 5 --long-seeds 3 --long-rows imaml
+    python benchmarks/fair_comparison.py speed --ways 5
     python benchmarks/fair_comparison.py cost --ways 5
     python benchmarks/fair_comparison.py report --ways 5
     python benchmarks/fair_comparison.py tune --ways 5 --grid 3x3 --tune-budget 240
@@ -112,6 +118,7 @@ GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
     },
 }
 METHODS = tuple(GRIDS[FIRST_GRID])
+BASELINES = tuple(method for method in METHODS if method != "mrml")
 
 # mrml with the paper's lower level and its code's settings (not tuned): the recipe users get.
 PAPER_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "mrml-paper.toml"
@@ -305,6 +312,37 @@ def interleave(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
+def first_time(curve: list[list[float]], threshold: float) -> float:
+    """First training CPU second with validation accuracy ≥ threshold (``inf``: never)."""
+    return next((s for s, acc in curve if acc >= threshold), math.inf)
+
+
+def speed_threshold(final_runs: list[dict[str, Any]]) -> float:
+    """The speed target's threshold: 0.9 × mrml's mean best validation accuracy over its
+    successful final runs (NaN without any)."""
+    best = [r["best_val"] for r in final_runs if r["row"] == "mrml" and "failed" not in r]
+    return 0.9 * statistics.mean(best) if best else math.nan
+
+
+def undecided_rows(final_runs: list[dict[str, Any]], spacing: float) -> list[str]:
+    """The baselines whose mean time to the speed threshold (:func:`speed_threshold`) in the
+    final stage is within ``spacing`` CPU seconds (one validation spacing) of mrml's: a pair
+    the final stage's validation grid cannot order. Rows that never reach it count ``inf``."""
+    threshold = speed_threshold(final_runs)
+    times: dict[str, list[float]] = {}
+    for run in final_runs:
+        if "failed" not in run and (run["row"] == "mrml" or run["row"] in BASELINES):
+            times.setdefault(run["row"], []).append(first_time(run["curve"], threshold))
+    if "mrml" not in times or math.isnan(threshold):
+        return []
+    mrml = statistics.mean(times["mrml"])
+    return [
+        row
+        for row, values in times.items()
+        if row != "mrml" and abs(statistics.mean(values) - mrml) <= spacing
+    ]
+
+
 def _setting(args: argparse.Namespace) -> str:
     return f"{args.ways}way{args.shots}shot"
 
@@ -397,9 +435,6 @@ def final(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-BASELINES = tuple(method for method in METHODS if method != "mrml")
-
-
 def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
     """The ``count`` baselines with the highest mean best-validation accuracy over their final
     runs: chosen on the validation split, never on test."""
@@ -465,6 +500,60 @@ def long(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def speed(args: argparse.Namespace) -> None:
+    """Stage 5: mrml and the rows the final stage cannot order in speed (:func:`undecided_rows`,
+    or ``--speed-rows``), at their selected settings and the final stage's seeds, for
+    ``--speed-budget`` CPU seconds validated ``--speed-validations`` times. Validation only:
+    the test split is not read. The report takes the speed target of these rows from here."""
+    tuning = json.loads((RESULTS / f"fair_tuning_{_study(args)}.json").read_text())
+    final_runs = read_log(RESULTS / f"fair_final_{_study(args)}.jsonl")
+    if not any(r["row"] == "mrml" and "failed" not in r for r in final_runs):
+        raise SystemExit(
+            f"speed: the final stage's log holds no mrml run; run 'final --ways {args.ways}"
+            f"{_grid_flag(args)}' first (the speed threshold is 0.9 × mrml's best validation)"
+        )
+    spacing = next(r["options"]["val_every_seconds"] for r in final_runs if "options" in r)
+    rows = args.speed_rows or undecided_rows(final_runs, spacing)
+    if unknown := [row for row in rows if row not in tuning["selected"] or row == "mrml"]:
+        raise SystemExit(
+            f"speed: --speed-rows {' '.join(unknown)} is not a tuned baseline of this study "
+            f"({', '.join(m for m in tuning['selected'] if m != 'mrml')}); pick from those"
+        )
+    if not rows:
+        print(f"speed: every baseline is more than {spacing:g} s from mrml; nothing to refine")
+        return
+    seeds = sorted({r["seed"] for r in final_runs if r["row"] == "mrml" and "failed" not in r})
+    groups = []
+    for name in ["mrml", *rows]:
+        jobs = []
+        for seed in seeds:
+            run_dir = args.runs / f"speed-{_study(args)}-{name}-seed{seed}"
+            config, budget = tuning["selected"][name], args.speed_budget
+            jobs.append(
+                _job(
+                    "speed", name, name, seed, config, budget, run_dir, args,
+                    validations=args.speed_validations, test=False,
+                )
+            )  # fmt: skip
+        groups.append(jobs)
+    results = run_all(interleave(groups), args, RESULTS / f"fair_speed_{_study(args)}.jsonl")
+    out = {
+        "setting": _setting(args),
+        "grid": args.grid,
+        "budget_cpu_seconds": args.speed_budget,
+        "val_every_seconds": args.speed_budget / args.speed_validations,
+        "final_val_every_seconds": spacing,
+        "threshold": speed_threshold(final_runs),
+        "rows": ["mrml", *rows],
+        "seeds": seeds,
+        "runs": results,
+        "command": " ".join(sys.argv),
+    }
+    path = RESULTS / f"fair_speed_{_study(args)}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def _job(
     stage: str,
     row: str,
@@ -474,20 +563,24 @@ def _job(
     budget: float,
     run_dir: Path,
     args: argparse.Namespace,
+    *,
+    validations: int | None = None,
+    test: bool = True,
 ) -> dict[str, Any]:
     """One training run of a stage: ``row`` (method ``algo`` at ``config``) at ``seed`` for
-    ``budget`` CPU seconds, validated ``--validations`` times, tested under both protocols."""
+    ``budget`` CPU seconds, validated ``validations`` times (default ``--validations``), and
+    tested under both protocols (``test``) or not at all."""
     options = {
         **_common(args),
         "algo": algo,
         **config,
         "seed": seed,
         "time_budget": budget,
-        "val_every_seconds": budget / args.validations,
-        "test_tasks": args.test_tasks,
+        "val_every_seconds": budget / (validations or args.validations),
+        "test_tasks": args.test_tasks if test else 0,
     }
     return {
-        "frozen_backbone_test": True,
+        "frozen_backbone_test": test,
         "name": f"{stage} {row} seed {seed}",
         "row": row,
         "seed": seed,
@@ -641,7 +734,7 @@ def cost(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("tune", "final", "long", "cost", "report"))
+    parser.add_argument("stage", choices=("tune", "final", "long", "speed", "cost", "report"))
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=None)
@@ -664,6 +757,15 @@ def main() -> None:
     parser.add_argument("--long-seeds", type=int, default=1)
     parser.add_argument("--long-rows", nargs="+", default=None)
     parser.add_argument("--validations", type=int, default=30)
+    parser.add_argument("--speed-budget", type=float, default=100.0)
+    parser.add_argument("--speed-validations", type=int, default=25)
+    parser.add_argument(
+        "--speed-rows",
+        nargs="+",
+        default=None,
+        help="speed: the baselines to rerun beside mrml (default: those the final stage's "
+        "validation spacing cannot order against mrml)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--val-tasks", type=int, default=200)
     parser.add_argument("--test-tasks", type=int, default=600)
@@ -690,7 +792,8 @@ def main() -> None:
 
         report(args)
         return
-    {"tune": tune, "final": final, "long": long, "cost": cost}[args.stage](args)
+    stages = {"tune": tune, "final": final, "long": long, "speed": speed, "cost": cost}
+    stages[args.stage](args)
 
 
 if __name__ == "__main__":

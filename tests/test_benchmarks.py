@@ -550,3 +550,98 @@ def test_cost_rounds_alternate_the_order_and_attribute_head_time_to_its_learner(
     assert calls == ["mrml"] * 2 + ["anil"] * 2 + ["anil"] * 2 + ["mrml"] * 4 + ["anil"] * 2
     assert times == {"mrml": [3.0] * 3, "anil": [2.5] * 3}
     assert head == {"mrml": [0.25] * 3}
+
+
+def _timed(run: dict, spacing: float) -> dict:
+    """A final or speed run as the stage logs it: with the options it ran under."""
+    return {**run, "options": {"val_every_seconds": spacing, "time_budget": 600.0,
+                               "test_tasks": 600}}  # fmt: skip
+
+
+def test_undecided_rows_are_the_baselines_within_one_spacing_of_mrml() -> None:
+    # mrml's mean best validation 0.95: threshold 0.855; mrml reaches it at 40 s on average
+    runs = [
+        _final_run("mrml", 0, 0.96, [(20, 0.5), (40, 0.9), (60, 0.94)]),
+        _final_run("mrml", 1, 0.96, [(20, 0.5), (40, 0.86), (60, 0.96)]),
+        _final_run("fomaml", 0, 0.9, [(40, 0.8), (60, 0.86)]),  # 60 s: one spacing later
+        _final_run("anil", 0, 0.9, [(40, 0.8), (60, 0.8), (80, 0.87)]),  # 80 s: two
+        _final_run("imaml", 0, 0.9, [(20, 0.88)]),  # 20 s: one spacing earlier
+        _final_run("maml", 0, 0.9, [(20, 0.5)]),  # never
+        _final_run("mrml-learn-head-init", 0, 0.9, [(40, 0.9)]),  # not a baseline
+        {"row": "itd-bio", "seed": 0, "failed": "boom"},
+    ]
+    assert fair.speed_threshold(runs) == pytest.approx(0.855)
+    assert fair.undecided_rows(runs, 20.0) == ["fomaml", "imaml"]
+    assert fair.undecided_rows(runs, 19.0) == []
+    assert fair.undecided_rows([r for r in runs if r["row"] != "mrml"], 20.0) == []
+
+
+def test_speed_stage_reruns_the_undecided_rows_on_validation_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    selected = {m: {"lr": 0.001 * (i + 1)} for i, m in enumerate(fair.METHODS)}
+    final = [
+        _timed(_final_run("mrml", seed, 0.96, [(20, 0.5), (40, 0.9)]), 20.0) for seed in (0, 1)
+    ] + [
+        _timed(_final_run("fomaml", 0, 0.9, [(40, 0.8), (60, 0.9)]), 20.0),
+        _timed(_final_run("anil", 0, 0.9, [(40, 0.8), (80, 0.9)]), 20.0),
+    ]
+    ran, args = _fake_stage(
+        tmp_path, monkeypatch, selected, final, speed_budget=100.0, speed_validations=25,
+        speed_rows=None,
+    )  # fmt: skip
+    monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "speed"])
+    fair.speed(args)
+    assert [(j["row"], j["seed"]) for j in ran] == [
+        ("mrml", 0), ("fomaml", 0), ("fomaml", 1), ("mrml", 1)
+    ]  # fmt: skip
+    for job in ran:
+        options = job["options"]
+        assert job["config"] == selected[job["row"]]
+        assert (options["time_budget"], options["val_every_seconds"]) == (100.0, 4.0)
+        assert options["test_tasks"] == 0 and not job["frozen_backbone_test"]
+        assert Path(job["run_dir"]).name == f"speed-5way1shot-{job['row']}-seed{job['seed']}"
+    written = json.loads((tmp_path / "fair_speed_5way1shot.json").read_text())
+    assert written["rows"] == ["mrml", "fomaml"] and written["final_val_every_seconds"] == 20.0
+    with pytest.raises(SystemExit, match="--speed-rows maml-x is not a tuned baseline"):
+        fair.speed(argparse.Namespace(**{**vars(args), "speed_rows": ["maml-x"]}))
+    (tmp_path / "fair_final_5way1shot.jsonl").write_text(json.dumps(final[2]) + "\n")
+    with pytest.raises(SystemExit, match="holds no mrml run"):
+        fair.speed(args)
+
+
+def test_fair_report_takes_the_speed_target_of_the_rerun_rows_from_the_speed_stage() -> None:
+    final = {
+        "runs": [
+            _timed(_final_run("mrml", 0, 0.95, [(20, 0.5), (40, 0.9)]), 20.0),
+            _timed(_final_run("fomaml", 0, 0.90, [(40, 0.8), (60, 0.9)]), 20.0),
+            _timed(_final_run("anil", 0, 0.90, [(40, 0.8), (60, 0.9)]), 20.0),
+        ],
+        "command": "fair_comparison.py final",
+        "seeds": 1,
+        "budget_cpu_seconds": 600.0,
+        "test_tasks": 600,
+    }
+    coarse = fair_report.markdown("5way1shot", None, final, None)
+    assert coarse.count("tie (within the 20 s validation spacing)") == 2
+    speed = {
+        "command": "fair_comparison.py speed",
+        "budget_cpu_seconds": 100.0,
+        "runs": [
+            _timed(_final_run("mrml", 0, 0.0, [(4, 0.5), (32, 0.9)]), 4.0),
+            _timed(_final_run("fomaml", 0, 0.0, [(36, 0.8), (44, 0.9)]), 4.0),
+        ],
+    }
+    text = fair_report.markdown("5way1shot", None, final, None, speed=speed)
+    # fomaml: 32 s against 44 s, 12 s apart on a 4 s grid; anil keeps the final stage's tie
+    assert (
+        "vs fomaml: mrml 32 s against 44 s (mean over seeds) (speed stage, validated every 4 s): "
+        "holds"
+    ) in text
+    assert "vs anil: mrml 40 s against 60 s (mean over seeds): tie (within the 20 s" in text
+    assert "| fomaml | 44 s | 44 s |" in text
+    assert "## Speed to accuracy, validated every 4 s" in text
+    fomaml_close = _timed(_final_run("fomaml", 0, 0.0, [(36, 0.9)]), 4.0)  # 4 s after mrml
+    close = {**speed, "runs": [speed["runs"][0], fomaml_close]}
+    text = fair_report.markdown("5way1shot", None, final, None, speed=close)
+    assert "against 36 s (mean over seeds) (speed stage, validated every 4 s): tie (within" in text
