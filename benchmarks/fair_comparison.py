@@ -358,6 +358,23 @@ def _study(args: argparse.Namespace) -> str:
     return _setting(args) + ("" if args.grid == FIRST_GRID else f"_grid{args.grid}")
 
 
+def _stage_file(stage: str, args: argparse.Namespace, suffix: str = ".json") -> Path:
+    """A stage's results file in the study of ``args``: ``fair_<stage>_<study><suffix>``
+    (``.jsonl``: the log of its finished runs)."""
+    return RESULTS / f"fair_{stage}_{_study(args)}{suffix}"
+
+
+def _write_stage(
+    stage: str, args: argparse.Namespace, fields: dict[str, Any], command: str | None = None
+) -> Path:
+    """Write a finished stage's results file: its setting and grid, ``fields``, and the
+    command that ran it (``command``, or this process's)."""
+    path = _stage_file(stage, args)
+    out = {"setting": _setting(args), "grid": args.grid, **fields}
+    path.write_text(json.dumps({**out, "command": command or " ".join(sys.argv)}, indent=1) + "\n")
+    return path
+
+
 def tune(args: argparse.Namespace) -> None:
     """Stage 1: every method's grid at seed 0, scored on validation only."""
     groups = []
@@ -384,30 +401,26 @@ def tune(args: argparse.Namespace) -> None:
                 }
             )
         groups.append(jobs)
-    results = run_all(interleave(groups), args, RESULTS / f"fair_tuning_{_study(args)}.jsonl")
+    results = run_all(interleave(groups), args, _stage_file("tuning", args, ".jsonl"))
     selected = {}
     for method in args.methods:
         mine = [r for r in results if r["method"] == method and "failed" not in r]
         best = max(mine, key=lambda r: r["best_val"])
         selected[method] = best["config"]
-    out = {
-        "setting": _setting(args),
+    fields = {
         "budget_cpu_seconds": args.tune_budget,
         "val_tasks": args.val_tasks,
-        "grid": args.grid,
         "grids": {m: GRIDS[args.grid][m] for m in args.methods},
         "runs": results,
         "selected": selected,
-        "command": " ".join(sys.argv),
     }
-    path = RESULTS / f"fair_tuning_{_study(args)}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    path = _write_stage("tuning", args, fields)
     print(f"selected: {json.dumps(selected)}\nwrote {path}")
 
 
 def final(args: argparse.Namespace) -> None:
     """Stage 2: the selected configurations (and extra rows) over seeds, tested once."""
-    tuning = json.loads((RESULTS / f"fair_tuning_{_study(args)}.json").read_text())
+    tuning = json.loads(_stage_file("tuning", args).read_text())
     rows = [(m, m, tuning["selected"][m]) for m in args.methods if m in tuning["selected"]]
     for name, base, changes in EXTRA_ROWS:
         if name in args.extra_rows:
@@ -420,19 +433,14 @@ def final(args: argparse.Namespace) -> None:
             run_dir = args.runs / f"final-{_study(args)}-{name}-seed{seed}"
             jobs.append(_job("final", name, algo, seed, config, args.budget, run_dir, args))
         groups.append(jobs)
-    results = run_all(interleave(groups), args, RESULTS / f"fair_final_{_study(args)}.jsonl")
-    path = RESULTS / f"fair_final_{_study(args)}.json"
-    out = {
-        "setting": _setting(args),
-        "grid": args.grid,
+    results = run_all(interleave(groups), args, _stage_file("final", args, ".jsonl"))
+    fields = {
         "budget_cpu_seconds": args.budget,
         "seeds": args.seeds,
         "test_tasks": args.test_tasks,
         "runs": results,
-        "command": " ".join(sys.argv),
     }
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {_write_stage('final', args, fields)}")
 
 
 def best_baselines(final_runs: list[dict[str, Any]], count: int) -> list[str]:
@@ -453,8 +461,8 @@ def long(args: argparse.Namespace) -> None:
     Asking for more baselines or seeds later adds them to the same log; the file lists every
     logged run (those of this call first) and every command that wrote it. Seed 0's run folder
     keeps the seedless name it had when the stage ran one seed."""
-    tuning = json.loads((RESULTS / f"fair_tuning_{_study(args)}.json").read_text())
-    final_runs = read_log(RESULTS / f"fair_final_{_study(args)}.jsonl")
+    tuning = json.loads(_stage_file("tuning", args).read_text())
+    final_runs = read_log(_stage_file("final", args, ".jsonl"))
     baselines = best_baselines(final_runs, args.long_baselines)
     if len(baselines) < args.long_baselines:
         raise SystemExit(
@@ -476,28 +484,24 @@ def long(args: argparse.Namespace) -> None:
             folder = f"long-{_study(args)}-{name}" + (f"-seed{seed}" if seed else "")
             config, budget = tuning["selected"][name], args.long_budget
             jobs.append(_job("long", name, name, seed, config, budget, args.runs / folder, args))
-    log = RESULTS / f"fair_long_{_study(args)}.jsonl"
+    log = _stage_file("long", args, ".jsonl")
     run_all([job for job in jobs if job["row"] in only], args, log)
     logged = {r["name"]: r for r in read_log(log)}
     asked = [logged.pop(job["name"]) for job in jobs if job["name"] in logged]
     # runs of earlier calls with more seeds or baselines stay in the file
     results = asked + sorted(logged.values(), key=lambda r: (r["row"], r["seed"]))
-    path = RESULTS / f"fair_long_{_study(args)}.json"
+    path = _stage_file("long", args)
     earlier = json.loads(path.read_text()).get("command", "") if path.exists() else ""
     command = " ".join(sys.argv)
     commands = [c for c in earlier.split("; ") if c and c != command] + [command]
-    out = {
-        "setting": _setting(args),
-        "grid": args.grid,
+    fields = {
         "budget_cpu_seconds": args.long_budget,
         "chosen_by": "mean best validation accuracy of the final stage",
         "baselines": baselines,
         "test_tasks": args.test_tasks,
         "runs": results,
-        "command": "; ".join(commands),
     }
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {_write_stage('long', args, fields, '; '.join(commands))}")
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -505,8 +509,8 @@ def speed(args: argparse.Namespace) -> None:
     or ``--speed-rows``), at their selected settings and the final stage's seeds, for
     ``--speed-budget`` CPU seconds validated ``--speed-validations`` times. Validation only:
     the test split is not read. The report takes the speed target of these rows from here."""
-    tuning = json.loads((RESULTS / f"fair_tuning_{_study(args)}.json").read_text())
-    final_runs = read_log(RESULTS / f"fair_final_{_study(args)}.jsonl")
+    tuning = json.loads(_stage_file("tuning", args).read_text())
+    final_runs = read_log(_stage_file("final", args, ".jsonl"))
     if not any(r["row"] == "mrml" and "failed" not in r for r in final_runs):
         raise SystemExit(
             f"speed: the final stage's log holds no mrml run; run 'final --ways {args.ways}"
@@ -536,10 +540,8 @@ def speed(args: argparse.Namespace) -> None:
                 )
             )  # fmt: skip
         groups.append(jobs)
-    results = run_all(interleave(groups), args, RESULTS / f"fair_speed_{_study(args)}.jsonl")
-    out = {
-        "setting": _setting(args),
-        "grid": args.grid,
+    results = run_all(interleave(groups), args, _stage_file("speed", args, ".jsonl"))
+    fields = {
         "budget_cpu_seconds": args.speed_budget,
         "val_every_seconds": args.speed_budget / args.speed_validations,
         "final_val_every_seconds": spacing,
@@ -547,11 +549,8 @@ def speed(args: argparse.Namespace) -> None:
         "rows": ["mrml", *rows],
         "seeds": seeds,
         "runs": results,
-        "command": " ".join(sys.argv),
     }
-    path = RESULTS / f"fair_speed_{_study(args)}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {_write_stage('speed', args, fields)}")
 
 
 def _job(
