@@ -17,11 +17,12 @@ Every method goes through the same protocol (docs/design.md, "Fair comparisons")
   ``--long-baselines`` (default two) baselines with the best mean validation accuracy in the
   final stage, ``--long-seeds`` seeds each (default one; ``--long-rows`` limits which rows
   run), each tested once.
-* ``speed``: where the final stage's validation grid cannot order mrml and a baseline in
-  reaching 0.9 × mrml's mean best validation accuracy (their mean times are within one
-  validation spacing), those rows again, same seeds and settings, for ``--speed-budget``
-  seconds validated ``--speed-validations`` times (default every 4 s instead of every 20 s);
-  validation only, the test split is not read (:func:`undecided_rows`).
+* ``speed``: where the finished final stage's validation grid cannot order mrml and a
+  baseline in reaching 0.9 × mrml's mean best validation accuracy (their mean times are
+  within one validation spacing, :func:`undecided_rows`), those rows again, same seeds and
+  settings, until just past where their final runs had reached it (:func:`speed_budget`),
+  validated every ``--speed-spacing`` seconds (default 4, against the final stage's 20);
+  validation only, the test split is not read.
 * ``cost``: seconds per meta-iteration of mrml and ANIL at their defaults, interleaved in one
   process with one thread, as a median of paired per-round ratios; also the part of mrml's
   iteration spent in its head work (the lower-level solve and the hypergradient), which says
@@ -504,47 +505,66 @@ def long(args: argparse.Namespace) -> None:
     print(f"wrote {_write_stage('long', args, fields, '; '.join(commands))}")
 
 
+def speed_budget(
+    final_runs: list[dict[str, Any]], rows: list[str], final_spacing: float, spacing: float
+) -> float:
+    """The speed stage's budget: the latest time at which a final run of ``rows`` first reached
+    the threshold, plus one final spacing, rounded up to a whole number of ``spacing``s, so that
+    no rerun is cut off before the point where its final run had reached it."""
+    threshold = speed_threshold(final_runs)
+    reached = [
+        t
+        for r in final_runs
+        if r["row"] in rows and "failed" not in r
+        if math.isfinite(t := first_time(r["curve"], threshold))
+    ]
+    latest = max(reached, default=0.0) + final_spacing
+    return spacing * math.ceil(latest / spacing)
+
+
 def speed(args: argparse.Namespace) -> None:
-    """Stage 5: mrml and the rows the final stage cannot order in speed (:func:`undecided_rows`,
-    or ``--speed-rows``), at their selected settings and the final stage's seeds, for
-    ``--speed-budget`` CPU seconds validated ``--speed-validations`` times. Validation only:
-    the test split is not read. The report takes the speed target of these rows from here."""
+    """Stage 5: mrml and the baselines the finished final stage cannot order in speed
+    (:func:`undecided_rows`), at their selected settings and the final stage's seeds, for
+    :func:`speed_budget` CPU seconds validated every ``--speed-spacing`` seconds. Validation
+    only: the test split is not read. The report takes those rows' speed target from here."""
+    final_path = _stage_file("final", args)
+    if not final_path.exists():
+        raise SystemExit(
+            f"speed: the final stage has not finished ({final_path.name} is missing); run "
+            f"'final --ways {args.ways}{_grid_flag(args)}' to the end first (the speed stage "
+            "refines its times to 0.9 × mrml's best validation)"
+        )
+    final_runs = json.loads(final_path.read_text())["runs"]
     tuning = json.loads(_stage_file("tuning", args).read_text())
-    final_runs = read_log(_stage_file("final", args, ".jsonl"))
-    if not any(r["row"] == "mrml" and "failed" not in r for r in final_runs):
-        raise SystemExit(
-            f"speed: the final stage's log holds no mrml run; run 'final --ways {args.ways}"
-            f"{_grid_flag(args)}' first (the speed threshold is 0.9 × mrml's best validation)"
-        )
-    spacing = next(r["options"]["val_every_seconds"] for r in final_runs if "options" in r)
-    rows = args.speed_rows or undecided_rows(final_runs, spacing)
-    if unknown := [row for row in rows if row not in tuning["selected"] or row == "mrml"]:
-        raise SystemExit(
-            f"speed: --speed-rows {' '.join(unknown)} is not a tuned baseline of this study "
-            f"({', '.join(m for m in tuning['selected'] if m != 'mrml')}); pick from those"
-        )
+    final_spacing = next(r["options"]["val_every_seconds"] for r in final_runs if "options" in r)
+    rows = undecided_rows(final_runs, final_spacing)
     if not rows:
-        print(f"speed: every baseline is more than {spacing:g} s from mrml; nothing to refine")
+        print(f"speed: every baseline is more than {final_spacing:g} s from mrml; nothing to do")
         return
     seeds = sorted({r["seed"] for r in final_runs if r["row"] == "mrml" and "failed" not in r})
+    budget = speed_budget(final_runs, ["mrml", *rows], final_spacing, args.speed_spacing)
+    validations = round(budget / args.speed_spacing)
+    label = f"speed ({budget:g} s, every {args.speed_spacing:g} s)"  # resumes only the same runs
     groups = []
     for name in ["mrml", *rows]:
         jobs = []
         for seed in seeds:
             run_dir = args.runs / f"speed-{_study(args)}-{name}-seed{seed}"
-            config, budget = tuning["selected"][name], args.speed_budget
+            config = tuning["selected"][name]
             jobs.append(
                 _job(
-                    "speed", name, name, seed, config, budget, run_dir, args,
-                    validations=args.speed_validations, test=False,
+                    label, name, name, seed, config, budget, run_dir, args,
+                    validations=validations, test=False,
                 )
             )  # fmt: skip
         groups.append(jobs)
     results = run_all(interleave(groups), args, _stage_file("speed", args, ".jsonl"))
     fields = {
-        "budget_cpu_seconds": args.speed_budget,
-        "val_every_seconds": args.speed_budget / args.speed_validations,
-        "final_val_every_seconds": spacing,
+        "chosen_by": "mean time to the threshold within one validation spacing of mrml's, in "
+        "the final stage",
+        "budget_cpu_seconds": budget,
+        "val_every_seconds": budget / validations,
+        "final_val_every_seconds": final_spacing,
         "threshold": speed_threshold(final_runs),
         "rows": ["mrml", *rows],
         "seeds": seeds,
@@ -756,14 +776,11 @@ def main() -> None:
     parser.add_argument("--long-seeds", type=int, default=1)
     parser.add_argument("--long-rows", nargs="+", default=None)
     parser.add_argument("--validations", type=int, default=30)
-    parser.add_argument("--speed-budget", type=float, default=100.0)
-    parser.add_argument("--speed-validations", type=int, default=25)
     parser.add_argument(
-        "--speed-rows",
-        nargs="+",
-        default=None,
-        help="speed: the baselines to rerun beside mrml (default: those the final stage's "
-        "validation spacing cannot order against mrml)",
+        "--speed-spacing",
+        type=float,
+        default=4.0,
+        help="speed: CPU seconds of training between two validations",
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--val-tasks", type=int, default=200)

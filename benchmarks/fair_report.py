@@ -26,6 +26,7 @@ from fair_comparison import (
     first_time,
     read_log,
     speed_threshold,
+    undecided_rows,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,22 +88,64 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 @dataclass(frozen=True)
 class DenseSpeed:
-    """The speed stage's times to the threshold: ``times[row]`` per seed (``inf``: never),
-    validated every ``spacing`` CPU seconds."""
+    """The finished speed stage's times to the threshold: ``times[row][seed]`` (``inf``:
+    never within its budget), validated every ``spacing`` CPU seconds; ``rows`` are the
+    baselines it refines (mrml is in ``times`` too)."""
 
-    times: dict[str, list[float]]
+    times: dict[str, dict[int, float]]
     spacing: float
+    rows: list[str]
+
+    def paired(self, row: str) -> tuple[float, float] | None:
+        """mrml's and ``row``'s mean times over the seeds both ran, or ``None`` where there
+        is no such seed or one of those runs was cut off before the threshold (the final
+        stage's verdict then stands)."""
+        mine, theirs = self.times.get("mrml", {}), self.times.get(row, {})
+        seeds = sorted(set(mine) & set(theirs))
+        pairs = [(mine[s], theirs[s]) for s in seeds]
+        if not pairs or not all(math.isfinite(t) for pair in pairs for t in pair):
+            return None
+        return statistics.mean(m for m, _ in pairs), statistics.mean(t for _, t in pairs)
 
 
-def dense_speed(speed: dict[str, Any], threshold: float) -> DenseSpeed:
+def dense_speed(speed: dict[str, Any], final: dict[str, Any], threshold: float) -> DenseSpeed:
     """:class:`DenseSpeed` of the speed stage's successful runs at the final stage's
-    ``threshold``."""
-    times: dict[str, list[float]] = {}
+    ``threshold``.
+
+    Raises:
+        ValueError: the speed stage was run on other final results (its threshold, seeds or
+            rows are not what the finished final stage gives now).
+    """
+    final_spacing = final["runs"][0]["options"]["val_every_seconds"]
+    rows = undecided_rows(final["runs"], final_spacing)
+    seeds = sorted({r["seed"] for r in final["runs"] if r["row"] == "mrml" and "failed" not in r})
+    if (
+        not math.isclose(speed["threshold"], threshold)
+        or speed["seeds"] != seeds
+        or speed["rows"] != ["mrml", *rows]
+    ):
+        raise ValueError(
+            "the speed stage's file was made from other final results (threshold, seeds or "
+            "rows differ): not used; run 'speed' again"
+        )
+    times: dict[str, dict[int, float]] = {}
     for run in speed["runs"]:
         if "failed" not in run:
-            times.setdefault(run["row"], []).append(first_time(run["curve"], threshold))
-    spacing = next(r["options"]["val_every_seconds"] for r in speed["runs"] if "options" in r)
-    return DenseSpeed(times, spacing)
+            times.setdefault(run["row"], {})[run["seed"]] = first_time(run["curve"], threshold)
+    return DenseSpeed(times, speed["val_every_seconds"], rows)
+
+
+def _refinement(
+    speed: dict[str, Any] | None, final: dict[str, Any], threshold: float
+) -> tuple[DenseSpeed | None, str | None]:
+    """The speed stage's times where they belong to this finished final stage, else why not
+    (``None, None`` without a speed stage or while the final stage runs)."""
+    if speed is None or final.get("partial"):
+        return None, None
+    try:
+        return dense_speed(speed, final, threshold), None
+    except ValueError as err:
+        return None, str(err)
 
 
 def speed_markdown(speed: dict[str, Any], dense: DenseSpeed) -> list[str]:
@@ -110,17 +153,16 @@ def speed_markdown(speed: dict[str, Any], dense: DenseSpeed) -> list[str]:
     out = [
         f"## Speed to accuracy, validated every {dense.spacing:g} s of training",
         "",
-        f"Command: `{speed['command']}`; the rows whose mean time to the threshold, in the "
-        "final stage, was within one validation spacing of mrml's, again at the same settings "
-        f"and seeds, for {speed['budget_cpu_seconds']:.0f} CPU seconds; validation only.",
+        f"Command: `{speed['command']}`; mrml and the baselines whose mean time to the "
+        "threshold, in the final stage, was within one validation spacing of mrml's, again at "
+        f"the same settings and seeds, for {speed['budget_cpu_seconds']:g} CPU seconds (just "
+        "past the latest time their final runs had reached it); validation only.",
         "",
-        "| row | CPU s to threshold, per seed | mean |",
+        "| row | seed | CPU s to threshold |",
         "|---|---|---|",
     ]
     for row, times in dense.times.items():
-        out.append(
-            f"| {row} | {', '.join(_secs(t) for t in times)} | {_secs(statistics.mean(times))} |"
-        )
+        out += [f"| {row} | {seed} | {_secs(t)} |" for seed, t in sorted(times.items())]
     return out
 
 
@@ -134,7 +176,7 @@ def targets(
     seconds between validations; times to the threshold that differ by no more than that are
     a tie (the validation grid, not the method, would decide the order). ``dense``: the speed
     stage's times (:func:`dense_speed`), which replace the final stage's for the baselines it
-    ran beside mrml."""
+    refines, over the seeds both rows ran there."""
     mrml = summary.get("mrml")
     if mrml is None:
         return ["mrml has no final runs yet: no target can be checked"]
@@ -148,21 +190,7 @@ def targets(
             f"accuracy vs {name}: mrml {100 * mrml['test'][0]:.2f}% − {100 * row['test'][0]:.2f}% "
             f"= {100 * gap:+.2f} points, needs > {100 * need:.2f} (larger seed std): {verdict}"
         )
-    for name, row in baselines.items():
-        if dense is not None and name in dense.times and "mrml" in dense.times:
-            ours, theirs = (statistics.mean(dense.times[k]) for k in ("mrml", name))
-            grid, source = dense.spacing, f" (speed stage, validated every {dense.spacing:g} s)"
-        else:
-            ours, theirs, grid, source = mrml["mean_time"], row["mean_time"], spacing, ""
-        gap = theirs - ours  # inf - inf (neither reached it) is nan
-        if math.isnan(gap) or abs(gap) <= grid:
-            verdict = "tie" + (f" (within the {grid:g} s validation spacing)" if grid else "")
-        else:
-            verdict = "holds" if gap > 0 else "missed"
-        lines.append(
-            f"speed to 0.9 × mrml's best validation vs {name}: mrml {_secs(ours)} "
-            f"against {_secs(theirs)} (mean over seeds){source}: {verdict}"
-        )
+    lines += [speed_line(name, mrml, row, spacing, dense) for name, row in baselines.items()]
     for name in ("fomaml", "imaml"):
         if name in baselines and "maml" in baselines:
             gap = baselines["maml"]["test"][0] - baselines[name]["test"][0]
@@ -186,6 +214,33 @@ def targets(
     if cost is not None:
         lines.append(cost_line(cost))
     return lines
+
+
+def speed_line(
+    name: str,
+    mrml: dict[str, Any],
+    row: dict[str, Any],
+    spacing: float,
+    dense: DenseSpeed | None,
+) -> str:
+    """The speed target against baseline ``name``: the final stage's mean times (``spacing``
+    apart), or the speed stage's where it refines this baseline (see :func:`targets`)."""
+    ours, theirs, grid, source = mrml["mean_time"], row["mean_time"], spacing, ""
+    if dense is not None and name in dense.rows:
+        if (pair := dense.paired(name)) is None:
+            source = " (the speed stage cut a run off before the threshold: final stage's)"
+        else:
+            (ours, theirs), grid = pair, dense.spacing
+            source = f" (speed stage, validated every {grid:g} s)"
+    gap = theirs - ours  # inf - inf (neither reached it) is nan
+    if math.isnan(gap) or abs(gap) <= grid:
+        verdict = "tie" + (f" (within the {grid:g} s validation spacing)" if grid else "")
+    else:
+        verdict = "holds" if gap > 0 else "missed"
+    return (
+        f"speed to 0.9 × mrml's best validation vs {name}: mrml {_secs(ours)} "
+        f"against {_secs(theirs)} (mean over seeds){source}: {verdict}"
+    )
 
 
 def _secs(value: float) -> str:
@@ -347,9 +402,11 @@ def markdown(
             f"{times} |"
         )
     spacing = final["runs"][0].get("options", {}).get("val_every_seconds", 0.0)
-    dense = dense_speed(speed, threshold) if speed is not None else None
+    dense, stale = _refinement(speed, final, threshold)
     lines = targets(summary, cost, spacing, dense)
     out += ["", "Targets:", ""] + [f"- {line}" for line in lines]
+    if stale:
+        out += ["", f"Speed stage: {stale}."]
     if "mrml" in summary and summary["mrml"]["inner_iterations_mean"] is not None:
         out += [
             "",
@@ -429,7 +486,7 @@ def report(args: argparse.Namespace) -> None:
         final,
         _load(f"fair_cost_{setting}.json"),
         _stage("long", args),
-        _stage("speed", args),
+        _load(f"fair_speed_{study}.json"),  # only once it has finished
     )
     (RESULTS / f"fair_{study}.md").write_text(text)
     if final is not None:

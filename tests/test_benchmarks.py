@@ -583,14 +583,16 @@ def test_speed_stage_reruns_the_undecided_rows_on_validation_only(
     final = [
         _timed(_final_run("mrml", seed, 0.96, [(20, 0.5), (40, 0.9)]), 20.0) for seed in (0, 1)
     ] + [
-        _timed(_final_run("fomaml", 0, 0.9, [(40, 0.8), (60, 0.9)]), 20.0),
-        _timed(_final_run("anil", 0, 0.9, [(40, 0.8), (80, 0.9)]), 20.0),
+        _timed(_final_run("fomaml", 0, 0.9, [(40, 0.8), (61, 0.9)]), 20.0),  # 21 s later: the
+        _timed(_final_run("fomaml", 1, 0.9, [(40, 0.8), (59, 0.9)]), 20.0),  # mean is 20 s
+        _timed(_final_run("anil", 0, 0.9, [(40, 0.8), (80, 0.9)]), 20.0),  # 40 s: decided
+        _timed(_final_run("anil", 1, 0.9, [(40, 0.8), (400, 0.9)]), 20.0),  # not rerun
     ]
-    ran, args = _fake_stage(
-        tmp_path, monkeypatch, selected, final, speed_budget=100.0, speed_validations=25,
-        speed_rows=None,
-    )  # fmt: skip
+    ran, args = _fake_stage(tmp_path, monkeypatch, selected, final, speed_spacing=4.0)
     monkeypatch.setattr(fair.sys, "argv", ["fair_comparison.py", "speed"])
+    with pytest.raises(SystemExit, match="the final stage has not finished"):
+        fair.speed(args)  # its log alone is not enough
+    (tmp_path / "fair_final_5way1shot.json").write_text(json.dumps({"runs": final}))
     fair.speed(args)
     assert [(j["row"], j["seed"]) for j in ran] == [
         ("mrml", 0), ("fomaml", 0), ("fomaml", 1), ("mrml", 1)
@@ -598,24 +600,22 @@ def test_speed_stage_reruns_the_undecided_rows_on_validation_only(
     for job in ran:
         options = job["options"]
         assert job["config"] == selected[job["row"]]
-        assert (options["time_budget"], options["val_every_seconds"]) == (100.0, 4.0)
+        # the latest final time of a rerun row (61 s) + one spacing (20 s), in whole 4 s steps
+        assert (options["time_budget"], options["val_every_seconds"]) == (84.0, 4.0)
         assert options["test_tasks"] == 0 and not job["frozen_backbone_test"]
         assert Path(job["run_dir"]).name == f"speed-5way1shot-{job['row']}-seed{job['seed']}"
+        assert job["name"].startswith("speed (84 s, every 4 s) ")
     written = json.loads((tmp_path / "fair_speed_5way1shot.json").read_text())
-    assert written["rows"] == ["mrml", "fomaml"] and written["final_val_every_seconds"] == 20.0
-    with pytest.raises(SystemExit, match="--speed-rows maml-x is not a tuned baseline"):
-        fair.speed(argparse.Namespace(**{**vars(args), "speed_rows": ["maml-x"]}))
-    (tmp_path / "fair_final_5way1shot.jsonl").write_text(json.dumps(final[2]) + "\n")
-    with pytest.raises(SystemExit, match="holds no mrml run"):
-        fair.speed(args)
+    assert written["rows"] == ["mrml", "fomaml"] and written["seeds"] == [0, 1]
+    assert written["threshold"] == pytest.approx(0.81) and written["final_val_every_seconds"] == 20
 
 
-def test_fair_report_takes_the_speed_target_of_the_rerun_rows_from_the_speed_stage() -> None:
+def test_fair_report_takes_the_speed_target_of_the_undecided_rows_from_the_speed_stage() -> None:
     final = {
         "runs": [
             _timed(_final_run("mrml", 0, 0.95, [(20, 0.5), (40, 0.9)]), 20.0),
             _timed(_final_run("fomaml", 0, 0.90, [(40, 0.8), (60, 0.9)]), 20.0),
-            _timed(_final_run("anil", 0, 0.90, [(40, 0.8), (60, 0.9)]), 20.0),
+            _timed(_final_run("anil", 0, 0.90, [(40, 0.8), (60, 0.8), (80, 0.9)]), 20.0),
         ],
         "command": "fair_comparison.py final",
         "seeds": 1,
@@ -623,25 +623,41 @@ def test_fair_report_takes_the_speed_target_of_the_rerun_rows_from_the_speed_sta
         "test_tasks": 600,
     }
     coarse = fair_report.markdown("5way1shot", None, final, None)
-    assert coarse.count("tie (within the 20 s validation spacing)") == 2
-    speed = {
-        "command": "fair_comparison.py speed",
-        "budget_cpu_seconds": 100.0,
-        "runs": [
-            _timed(_final_run("mrml", 0, 0.0, [(4, 0.5), (32, 0.9)]), 4.0),
-            _timed(_final_run("fomaml", 0, 0.0, [(36, 0.8), (44, 0.9)]), 4.0),
-        ],
-    }
-    text = fair_report.markdown("5way1shot", None, final, None, speed=speed)
-    # fomaml: 32 s against 44 s, 12 s apart on a 4 s grid; anil keeps the final stage's tie
+    assert "vs fomaml: mrml 40 s against 60 s (mean over seeds): tie (within the 20 s" in coarse
+
+    def speed_stage(mrml_curve: list, fomaml_curve: list, **changes: object) -> dict:
+        runs = [_timed(_final_run("mrml", 0, 0.0, mrml_curve), 4.0),
+                _timed(_final_run("fomaml", 0, 0.0, fomaml_curve), 4.0),
+                _timed(_final_run("anil", 0, 0.0, [(4, 0.9)]), 4.0)]  # fmt: skip
+        stage = {"command": "fair_comparison.py speed", "budget_cpu_seconds": 80.0,
+                 "val_every_seconds": 4.0, "threshold": 0.81, "seeds": [0],
+                 "rows": ["mrml", "fomaml"], "runs": runs}  # fmt: skip
+        return {**stage, **changes}
+
+    def speed_lines(speed: dict) -> list[str]:
+        text = fair_report.markdown("5way1shot", None, final, None, speed=speed)
+        return [line for line in text.splitlines() if "speed" in line.lower()]
+
+    lines = speed_lines(speed_stage([(4, 0.5), (32, 0.9)], [(36, 0.8), (44, 0.9)]))
+    # fomaml: 32 s against 44 s, 12 s apart on a 4 s grid
     assert (
-        "vs fomaml: mrml 32 s against 44 s (mean over seeds) (speed stage, validated every 4 s): "
-        "holds"
-    ) in text
-    assert "vs anil: mrml 40 s against 60 s (mean over seeds): tie (within the 20 s" in text
-    assert "| fomaml | 44 s | 44 s |" in text
-    assert "## Speed to accuracy, validated every 4 s" in text
-    fomaml_close = _timed(_final_run("fomaml", 0, 0.0, [(36, 0.9)]), 4.0)  # 4 s after mrml
-    close = {**speed, "runs": [speed["runs"][0], fomaml_close]}
-    text = fair_report.markdown("5way1shot", None, final, None, speed=close)
-    assert "against 36 s (mean over seeds) (speed stage, validated every 4 s): tie (within" in text
+        "- speed to 0.9 × mrml's best validation vs fomaml: mrml 32 s against 44 s (mean over "
+        "seeds) (speed stage, validated every 4 s): holds"
+    ) in lines
+    # anil was decided by the final stage (40 s against 80 s): a speed run of it is not used
+    assert "vs anil: mrml 40 s against 80 s (mean over seeds): holds" in "\n".join(lines)
+    assert "## Speed to accuracy, validated every 4 s of training" in lines
+    close = speed_lines(speed_stage([(32, 0.9)], [(36, 0.9)]))
+    assert any("against 36 s (mean over seeds) (speed stage, validated every 4 s): tie" in line
+               for line in close)  # fmt: skip
+    cut = speed_lines(speed_stage([(32, 0.9)], [(36, 0.8)]))  # fomaml not there within 80 s
+    assert any("vs fomaml: mrml 40 s against 60 s (mean over seeds) (the speed stage cut a run "
+               "off before the threshold: final stage's): tie" in line for line in cut)  # fmt: skip
+    stale = speed_lines(speed_stage([(32, 0.9)], [(44, 0.9)], seeds=[0, 1]))
+    assert any("made from other final results" in line for line in stale)
+    assert any("vs fomaml: mrml 40 s against 60 s (mean over seeds): tie" in line for line in stale)
+    running = fair_report.markdown(
+        "5way1shot", None, {**final, "partial": True}, None,
+        speed=speed_stage([(32, 0.9)], [(44, 0.9)]),
+    )  # fmt: skip
+    assert "speed stage, validated" not in running
