@@ -325,6 +325,16 @@ def speed_threshold(final_runs: list[dict[str, Any]]) -> float:
     return 0.9 * statistics.mean(best) if best else math.nan
 
 
+def mrml_seeds(final_runs: list[dict[str, Any]]) -> list[int]:
+    """The seeds of mrml's successful final runs, in order."""
+    return sorted({r["seed"] for r in final_runs if r["row"] == "mrml" and "failed" not in r})
+
+
+def validation_spacing(runs: list[dict[str, Any]]) -> float:
+    """The CPU seconds between two validations of a stage's runs (0 where none records it)."""
+    return next((r["options"]["val_every_seconds"] for r in runs if "options" in r), 0.0)
+
+
 def undecided_rows(final_runs: list[dict[str, Any]], spacing: float) -> list[str]:
     """The baselines whose mean time to the speed threshold (:func:`speed_threshold`) in the
     final stage is within ``spacing`` CPU seconds (one validation spacing) of mrml's: a pair
@@ -536,12 +546,12 @@ def speed(args: argparse.Namespace) -> None:
         )
     final_runs = json.loads(final_path.read_text())["runs"]
     tuning = json.loads(_stage_file("tuning", args).read_text())
-    final_spacing = next(r["options"]["val_every_seconds"] for r in final_runs if "options" in r)
+    final_spacing = validation_spacing(final_runs)
     rows = undecided_rows(final_runs, final_spacing)
     if not rows:
         print(f"speed: every baseline is more than {final_spacing:g} s from mrml; nothing to do")
         return
-    seeds = sorted({r["seed"] for r in final_runs if r["row"] == "mrml" and "failed" not in r})
+    seeds = mrml_seeds(final_runs)
     budget = speed_budget(final_runs, ["mrml", *rows], final_spacing, args.speed_spacing)
     validations = round(budget / args.speed_spacing)
     label = f"speed ({budget:g} s, every {args.speed_spacing:g} s)"  # resumes only the same runs

@@ -24,9 +24,11 @@ from fair_comparison import (
     _setting,
     _study,
     first_time,
+    mrml_seeds,
     read_log,
     speed_threshold,
     undecided_rows,
+    validation_spacing,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,12 +118,10 @@ def dense_speed(speed: dict[str, Any], final: dict[str, Any], threshold: float) 
         ValueError: the speed stage was run on other final results (its threshold, seeds or
             rows are not what the finished final stage gives now).
     """
-    final_spacing = final["runs"][0]["options"]["val_every_seconds"]
-    rows = undecided_rows(final["runs"], final_spacing)
-    seeds = sorted({r["seed"] for r in final["runs"] if r["row"] == "mrml" and "failed" not in r})
+    rows = undecided_rows(final["runs"], validation_spacing(final["runs"]))
     if (
         not math.isclose(speed["threshold"], threshold)
-        or speed["seeds"] != seeds
+        or speed["seeds"] != mrml_seeds(final["runs"])
         or speed["rows"] != ["mrml", *rows]
     ):
         raise ValueError(
@@ -401,7 +401,7 @@ def markdown(
             f"{_pct(row['best_val'])} | {_pct(row['test'])} | {cis} | {_pct(row['frozen'])} | "
             f"{times} |"
         )
-    spacing = final["runs"][0].get("options", {}).get("val_every_seconds", 0.0)
+    spacing = validation_spacing(final["runs"])
     dense, stale = _refinement(speed, final, threshold)
     lines = targets(summary, cost, spacing, dense)
     out += ["", "Targets:", ""] + [f"- {line}" for line in lines]
