@@ -268,14 +268,77 @@ def _finite(records: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
 
 
+# Every budget is CPU seconds, so a study's runs compare only where they ran at one speed. The
+# 20-way second study met a machine that took 2.1 times the seconds per iteration of the same
+# configurations in an earlier session (benchmarks/results/
+# fair_tuning_20way1shot_grid3x3_discarded.jsonl); :func:`check_machine_speed` catches that.
+MACHINE_SPEED_TOLERANCE = 0.15  # |measured / logged s/it − 1| allowed
+CALIBRATION_ITERATIONS = 6  # per calibration run; the first two are not timed (warm-up)
+CALIBRATION_VAL_TASKS = 16  # the end-of-run validation of a calibration run, kept short
+
+
+def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Refuse to add runs to a study whose logged runs ran at another speed.
+
+    Reruns the first logged run that has a median s/it, with its options, for
+    :data:`CALIBRATION_ITERATIONS` meta-iterations, ``--workers`` copies side by side (as the
+    study's runs go), and compares their median seconds per iteration with the logged one.
+
+    Raises:
+        SystemExit: the ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
+            calibration runs failed.
+    """
+    reference = next((r for r in logged if r.get("median_seconds_per_iteration")), None)
+    if reference is None:
+        return
+    budgeted = ("time_budget", "val_every_seconds")
+    options = {k: v for k, v in reference["options"].items() if k not in budgeted}
+    options |= {
+        "iterations": CALIBRATION_ITERATIONS,
+        "val_tasks": CALIBRATION_VAL_TASKS,
+        "test_tasks": 0,
+    }
+    jobs = [
+        {"name": f"calibration {i}", "options": options, "run_dir": str(args.runs / f"calib-{i}")}
+        for i in range(args.workers)
+    ]
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        results = list(pool.map(lambda job: run_job(job, args), jobs))
+    measured = [r["median_seconds_per_iteration"] for r in results if "result" in r]
+    if len(measured) < len(jobs) or None in measured:
+        raise SystemExit("the machine-speed calibration runs failed (see above); fix that first")
+    logged_seconds = reference["median_seconds_per_iteration"]
+    ratio = statistics.median(measured) / logged_seconds
+    print(
+        f"machine speed: {reference['name']} takes {statistics.median(measured):.2f} s/it here, "
+        f"{logged_seconds:.2f} s/it in the log (ratio {ratio:.2f})",
+        flush=True,
+    )
+    if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
+        raise SystemExit(
+            f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
+            f"iteration of its logged run: CPU-second budgets would not compare with the runs "
+            f"already in this study; run it on a machine like the study's, or start the "
+            f"stage again by moving its .jsonl log aside"
+        )
+
+
 def run_all(
-    jobs: list[dict[str, Any]], args: argparse.Namespace, log: Path
+    jobs: list[dict[str, Any]],
+    args: argparse.Namespace,
+    log: Path,
+    compared_with: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Two jobs at a time (one thread each). Each finished job is appended to ``log`` (JSON
     lines) at once, and a job already there is not run again: a stage that was stopped goes on
-    where it was. Returns every logged result, in job order."""
+    where it was. Before it adds runs to those logged (or, with none yet, to the runs of the
+    log ``compared_with``, which its results are read against), :func:`check_machine_speed`.
+    Returns every logged result, in job order."""
     done = {r["name"]: r for r in read_log(log)}
     todo = [job for job in jobs if job["name"] not in done]
+    if todo:
+        logged = list(done.values()) or (read_log(compared_with) if compared_with else [])
+        check_machine_speed(logged, args)
     lock = threading.Lock()
 
     def run_and_log(job: dict[str, Any]) -> None:
@@ -568,7 +631,12 @@ def speed(args: argparse.Namespace) -> None:
                 )
             )  # fmt: skip
         groups.append(jobs)
-    results = run_all(interleave(groups), args, _stage_file("speed", args, ".jsonl"))
+    results = run_all(
+        interleave(groups),
+        args,
+        _stage_file("speed", args, ".jsonl"),
+        compared_with=_stage_file("final", args, ".jsonl"),
+    )
     fields = {
         "chosen_by": "mean time to the threshold within one validation spacing of mrml's, in "
         "the final stage",

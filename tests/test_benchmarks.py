@@ -661,3 +661,78 @@ def test_fair_report_takes_the_speed_target_of_the_undecided_rows_from_the_speed
         speed=speed_stage([(32, 0.9)], [(44, 0.9)]),
     )  # fmt: skip
     assert "speed stage, validated" not in running
+
+
+def _logged_run(name: str, seconds: float) -> dict:
+    options = {"algo": "anil", "lr": 0.001, "time_budget": 240.0, "val_every_seconds": 40.0,
+               "iterations": 10**7, "val_tasks": 200, "test_tasks": 0}  # fmt: skip
+    return {"name": name, "options": options, "result": {}, "median_seconds_per_iteration": seconds}
+
+
+def _machine(monkeypatch: pytest.MonkeyPatch, seconds: float | None) -> list[dict]:
+    """``run_job`` replaced: calibration runs take ``seconds`` per iteration (``None``: they
+    fail); every job it is given is recorded."""
+    ran: list[dict] = []
+
+    def fake_run(job: dict, _: object) -> dict:
+        ran.append(job)
+        if job["name"].startswith("calibration"):
+            if seconds is None:
+                return {**job, "failed": "boom"}
+            return {**job, "result": {}, "median_seconds_per_iteration": seconds}
+        return {**job, "result": {}, "best_val": 0.5}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    return ran
+
+
+@pytest.mark.parametrize(("seconds", "refused"), [(6.3, True), (2.4, True), (3.3, False)])
+def test_a_stage_refuses_to_add_runs_made_at_another_machine_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float, refused: bool
+) -> None:
+    """The logged run took 3.0 s/it; here its configuration takes ``seconds``: 2.1 and 0.8
+    times are refused (nothing of the stage runs, the log is unchanged), 1.1 goes on."""
+    log = tmp_path / "stage.jsonl"
+    log.write_text(json.dumps(_logged_run("tune anil #0", 3.0)) + "\n")
+    ran = _machine(monkeypatch, seconds)
+    args = argparse.Namespace(runs=tmp_path / "runs", workers=2)
+    jobs = [{"name": "tune anil #0"}, {"name": "tune anil #1", "options": {}, "run_dir": "x"}]
+    if refused:
+        with pytest.raises(SystemExit, match=r"times the seconds per iteration of its logged run"):
+            fair.run_all(jobs, args, log)
+        assert len(log.read_text().splitlines()) == 1
+    else:
+        assert [r["name"] for r in fair.run_all(jobs, args, log)] == [j["name"] for j in jobs]
+    calibrations = [job for job in ran if job["name"].startswith("calibration")]
+    assert len(calibrations) == 2  # --workers copies, side by side as the study's runs go
+    for job in calibrations:
+        options = job["options"]
+        assert options["algo"] == "anil" and options["lr"] == 0.001  # the logged configuration
+        assert options["iterations"] == fair.CALIBRATION_ITERATIONS and options["test_tasks"] == 0
+        assert "time_budget" not in options and "val_every_seconds" not in options
+    assert [job["name"] for job in ran[2:]] == ([] if refused else ["tune anil #1"])
+
+
+def test_the_machine_speed_check_compares_a_new_log_with_the_one_it_is_read_against(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first speed-stage run is checked against the final stage's runs; a new stage with
+    nothing to compare with, or a stage with nothing left to run, calibrates nothing; failed
+    calibration runs stop the stage."""
+    final_log, speed_log = tmp_path / "final.jsonl", tmp_path / "speed.jsonl"
+    final_log.write_text(json.dumps(_logged_run("final anil seed 0", 3.0)) + "\n")
+    args = argparse.Namespace(runs=tmp_path / "runs", workers=2)
+    job = {"name": "speed anil seed 0", "options": {}, "run_dir": "x"}
+    ran = _machine(monkeypatch, 6.0)
+    with pytest.raises(SystemExit, match="2.00 times"):
+        fair.run_all([job], args, speed_log, compared_with=final_log)
+    assert not speed_log.exists()
+    ran.clear()
+    fair.run_all([job], args, tmp_path / "new.jsonl")  # no runs to compare with: no check
+    assert [j["name"] for j in ran] == ["speed anil seed 0"]
+    ran.clear()
+    fair.run_all([{"name": "final anil seed 0"}], args, final_log)  # nothing to run: no check
+    assert ran == []
+    _machine(monkeypatch, None)
+    with pytest.raises(SystemExit, match="calibration runs failed"):
+        fair.run_all([job], args, speed_log, compared_with=final_log)

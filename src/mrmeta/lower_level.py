@@ -244,7 +244,8 @@ class HeadProblem(ABC):
     """
 
     exact_solve: bool = False
-    """Whether :meth:`Curvature.solve` is exact (a closed form) rather than iterative."""
+    """Whether :meth:`Curvature.solve` is exact (a closed form) rather than iterative; then
+    :meth:`exact_inverse` applies it in float64."""
 
     def __init__(
         self,
@@ -283,6 +284,14 @@ class HeadProblem(ABC):
     def step_size(self) -> Tensor:
         """``1/L_t`` per task ``(T,)`` from a curvature bound (linear heads only)."""
 
+    def gradient_and_curvature(self, phi: Mapping[str, Tensor]) -> tuple[TensorDict, Curvature]:
+        """:meth:`gradient` and :meth:`curvature` at the same ``φ`` (a problem may share work)."""
+        return self.gradient(phi), self.curvature(phi)
+
+    def exact_inverse(self, phi: Mapping[str, Tensor], rhs: Mapping[str, Tensor]) -> TensorDict:
+        """``[∇²_φ g_t(φ_t)]⁻¹ rhs_t`` exactly (problems with :attr:`exact_solve` only)."""
+        raise TypeError(f"{type(self).__name__} has no exact solve; use conjugate gradient")
+
     def penalty_gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
         """``μ (φ − c)``, the L2 term's gradient."""
         return {k: self.l2 * (phi[k] - self.center[k]) for k in phi}
@@ -295,7 +304,8 @@ class HeadProblem(ABC):
 
 
 class LinearHeadProblem(HeadProblem):
-    r"""Closed forms for a linear head ``U = Z Wᵀ + b`` (``W (C, d)``, ``b (C,)``).
+    r"""Closed forms for a linear head ``U = Z Wᵀ + b`` (``W (C, d)``, ``b (C,)``), or
+    ``U = Z Wᵀ`` when the centre has no ``"bias"`` (:meth:`folded`).
 
     With ``R = ∂L/∂U``, the per-example Hessian blocks ``S_j`` of ``L`` in ``U``,
     ``D = Z V_Wᵀ + V_b`` the logits' direction along ``v``::
@@ -320,14 +330,31 @@ class LinearHeadProblem(HeadProblem):
     ) -> None:
         super().__init__(features, labels, center, l2, loss)
         self.logit_loss = _LOGIT_LOSSES[self.loss]
+        self.bias = "bias" in self.center
+
+    @cached_property
+    def folded(self) -> LinearHeadProblem:
+        r"""The same problem in float64 with the bias folded into the weights: features
+        ``Z̃ = [Z, 1]`` and one parameter ``Θ = [W, b]`` (``{"weight": Θ}``, centre ``Θ_c``).
+        ``Z̃ Θᵀ = Z Wᵀ + b`` and ``‖Θ − Θ_c‖² = ‖W − c_W‖² + ‖b − c_b‖²``, so ``g`` is unchanged;
+        with one tensor instead of two, every step of :func:`newton_solve` costs fewer operations.
+        Map points with :func:`_stack_head` and :func:`_split_head`. Computed once per problem
+        (the solve and the exact ``v`` share it)."""
+        wide = torch.float64
+        labels = self.labels.to(wide) if self.labels.is_floating_point() else self.labels
+        center = {"weight": _stack_head(self.center).to(wide)}
+        return LinearHeadProblem(self.augmented.to(wide), labels, center, self.l2, self.loss)
 
     def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
         value = self.logit_loss.value(linear_logits(self.features, phi), self.labels)
         return value + l2_penalty(phi, self.center, self.l2) if self.l2 > 0 else value
 
     def gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
-        state = self.logit_loss.state(linear_logits(self.features, phi))
-        grad = pull_back(self.features, self.logit_loss.residual(state, self.labels))
+        return self._gradient_at(phi, self.logit_loss.state(linear_logits(self.features, phi)))
+
+    def _gradient_at(self, phi: Mapping[str, Tensor], state: Tensor) -> TensorDict:
+        residual = self.logit_loss.residual(state, self.labels)
+        grad = pull_back(self.features, residual, bias=self.bias)
         if self.l2 > 0:
             grad = tree_axpy(1.0, self.penalty_gradient(phi), grad)
         return grad
@@ -336,20 +363,40 @@ class LinearHeadProblem(HeadProblem):
         state = self.logit_loss.state(linear_logits(self.features, phi))
         return _LinearCurvature(self, dict(phi), state)
 
+    def exact_inverse(self, phi: Mapping[str, Tensor], rhs: Mapping[str, Tensor]) -> TensorDict:
+        """``[∇²_φ g_t(φ_t)]⁻¹ rhs_t``, exactly, in float64 on :attr:`folded` (see
+        :class:`_LinearCurvature`); the result in ``rhs``'s precision."""
+        curvature = self.folded.curvature({"weight": _stack_head(_cast(phi, torch.float64))})
+        stacked = curvature.solve({"weight": _stack_head(_cast(rhs, torch.float64))})["weight"]
+        return _cast(_split_head(stacked, bias=self.bias), rhs["weight"].dtype)
+
+    def gradient_and_curvature(
+        self, phi: Mapping[str, Tensor]
+    ) -> tuple[TensorDict, _LinearCurvature]:
+        """Both from one evaluation of the loss's state at the support logits."""
+        curvature = self.curvature(phi)
+        return self._gradient_at(phi, curvature.state), curvature
+
     def outer_gradient(
         self, phi: Mapping[str, Tensor], query: Tensor, query_labels: Tensor
     ) -> tuple[Tensor, TensorDict]:
         state = self.logit_loss.state(linear_logits(query, phi))
         residual = self.logit_loss.residual(state, query_labels)
-        return torch.bmm(residual, phi["weight"]), pull_back(query, residual)
+        return torch.bmm(residual, phi["weight"]), pull_back(query, residual, bias=self.bias)
+
+    @cached_property
+    def augmented(self) -> Tensor:
+        """``Z̃ = [Z, 1] (T, n, d + 1)`` (``Z`` itself without a bias), computed once."""
+        return _with_ones(self.features) if self.bias else self.features
 
     @cached_property
     def gram(self) -> Tensor:
         """``G̃ = Z̃ Z̃ᵀ (T, n, n)`` in the features' precision, computed once."""
-        features = _with_ones(self.features)
-        return torch.bmm(features, features.transpose(1, 2))
+        return torch.bmm(self.augmented, self.augmented.transpose(1, 2))
 
     def step_size(self) -> Tensor:
+        if not self.bias:
+            raise ValueError("step_size is for a head with a bias (see LinearHeadProblem.folded)")
         out_dim = self.center["weight"].shape[1]
         return 1.0 / linear_head_lipschitz(self.features, self.loss, out_dim, self.l2)
 
@@ -375,7 +422,7 @@ class LinearHeadProblem(HeadProblem):
         """
         if self.l2 <= 0:
             raise ValueError("squared_loss_solution needs l2 > 0 (a strongly convex problem)")
-        features = _with_ones(self.features)  # Z̃ (T, n, d+1)
+        features = self.augmented  # Z̃ (T, n, d+1)
         center = _stack_head(self.center)  # Θ_c (T, C, d+1)
         (n, d1), classes = features.shape[1:], center.shape[1]
         if self.loss == "mse":
@@ -398,7 +445,7 @@ class LinearHeadProblem(HeadProblem):
             factor, failed = torch.linalg.cholesky_ex(gram)
             step = torch.cholesky_solve(pulled, factor).transpose(1, 2)
         step = torch.where((failed != 0).view(-1, 1, 1), torch.nan, step)
-        return _split_head(center + step)
+        return _split_head(center + step, bias=self.bias)
 
     def newton_start(self, phi0: Mapping[str, Tensor]) -> TensorDict:
         r"""The best point of a grid on the ray from ``φ⁰`` through the squared-loss solution
@@ -447,23 +494,32 @@ class LinearHeadProblem(HeadProblem):
 
 
 def _stack_head(phi: Mapping[str, Tensor]) -> Tensor:
-    """``Θ = [W, b]``: ``(T, C, d)`` and ``(T, C)`` → ``(T, C, d + 1)``."""
+    """``Θ = [W, b]``: ``(T, C, d)`` and ``(T, C)`` → ``(T, C, d + 1)``; ``W`` without a bias."""
+    if "bias" not in phi:
+        return phi["weight"]
     return torch.cat([phi["weight"], phi["bias"].unsqueeze(-1)], -1)
 
 
-def _split_head(stacked: Tensor) -> TensorDict:
-    """The inverse of :func:`_stack_head`."""
+def _split_head(stacked: Tensor, *, bias: bool = True) -> TensorDict:
+    """The inverse of :func:`_stack_head` (``bias``: whether the head has one)."""
+    if not bias:
+        return {"weight": stacked}
     return {"weight": stacked[..., :-1], "bias": stacked[..., -1]}
 
 
 def linear_logits(features: Tensor, phi: Mapping[str, Tensor]) -> Tensor:
-    """``Z Wᵀ + b``: ``(T, n, d)`` → ``(T, n, C)`` (linear in ``φ``: also ``D`` along ``v``)."""
+    """``Z Wᵀ + b`` (``Z Wᵀ`` without a bias): ``(T, n, d)`` → ``(T, n, C)`` (linear in ``φ``:
+    also ``D`` along ``v``)."""
+    if "bias" not in phi:
+        return torch.bmm(features, phi["weight"].transpose(1, 2))
     return torch.baddbmm(phi["bias"].unsqueeze(1), features, phi["weight"].transpose(1, 2))
 
 
-def pull_back(features: Tensor, logit_grad: Tensor) -> TensorDict:
-    """``(Gᵀ Z, Σ_j G_j)``: a gradient ``G (T, n, C)`` in the logits carried to ``(W, b)``."""
-    return {"weight": torch.bmm(logit_grad.transpose(1, 2), features), "bias": logit_grad.sum(1)}
+def pull_back(features: Tensor, logit_grad: Tensor, *, bias: bool = True) -> TensorDict:
+    """``(Gᵀ Z, Σ_j G_j)``: a gradient ``G (T, n, C)`` in the logits carried to ``(W, b)``
+    (to ``W`` alone without a bias)."""
+    weight = torch.bmm(logit_grad.transpose(1, 2), features)
+    return {"weight": weight, "bias": logit_grad.sum(1)} if bias else {"weight": weight}
 
 
 @dataclass(frozen=True)
@@ -504,7 +560,7 @@ class _LinearCurvature(Curvature):
         """Exact, in float64 (see the class docstring), the loss's state included (a float32
         softmax sums to 1 only to about 1e-7); the result in ``rhs``'s precision."""
         wide = torch.float64
-        features = _with_ones(self.problem.features).to(wide)
+        features = self.problem.augmented.to(wide)
         gram = self.problem.gram  # computed once per problem; the Newton solves are in float64
         gram = gram if gram.dtype == wide else torch.bmm(features, features.mT)
         state = self.state
@@ -515,8 +571,8 @@ class _LinearCurvature(Curvature):
         stacked = _stack_head(rhs).to(wide)
         n, c = diag.shape[1:]
         solver = _logit_space_solve if n * c <= SMALL_SYSTEM else _class_block_solve
-        x = solver(features, gram, diag, unit, self.problem.l2, stacked)
-        return _split_head(x.to(rhs["weight"].dtype))
+        x = solver(features, gram, diag, unit, self.problem.l2, stacked).to(rhs["weight"].dtype)
+        return _split_head(x, bias=self.problem.bias)
 
 
 def _logit_space_solve(
@@ -825,8 +881,7 @@ def head_hypergradient(
     curvature = problem.curvature(phi)
     cg = None
     if exact_v and problem.exact_solve:
-        wide = _in_float64(problem).curvature(_cast(phi, torch.float64))
-        v = _cast(wide.solve(_cast(grad_phi, torch.float64)), problem.features.dtype)
+        v = problem.exact_inverse(phi, grad_phi)
     else:
         cg = conjugate_gradient(curvature.hvp, grad_phi, v0, iters=cg_iters, tol=tol, batched=True)
         v = {k: t.detach() for k, t in cg.solution.items()}
@@ -890,16 +945,17 @@ def newton_solve(
     """
     use_ray = ray_start and max_iters > 0
     phi = problem.newton_start(phi0) if use_ray else {k: v.detach() for k, v in phi0.items()}
-    value, grad = problem.objective(phi), problem.gradient(phi)
+    value = problem.objective(phi)
+    grad, curvature = problem.gradient_and_curvature(phi)
     norm = tree_norm(grad, batched=True)
     iterations = torch.zeros(problem.num_tasks, dtype=torch.int64, device=norm.device)
     for _ in range(max_iters):
         active = norm > tol
         if not bool(active.any()):
             break
-        direction = problem.curvature(phi).solve({k: -g for k, g in grad.items()})
+        direction = curvature.solve({k: -g for k, g in grad.items()})
         phi, value = _backtrack(problem, phi, value, grad, direction, active)
-        grad = problem.gradient(phi)
+        grad, curvature = problem.gradient_and_curvature(phi)
         norm = torch.where(active, tree_norm(grad, batched=True), norm)
         iterations += active.to(iterations.dtype)
     return phi, SolveReport(iterations, norm, norm <= tol)
@@ -947,7 +1003,8 @@ def solve_lower_level(
     """Solve the chunk's lower level with ``solver`` and report how it went.
 
     * ``"newton"``: :func:`newton_solve` with ``tol`` and the cap ``max_iters``, in float64 when
-      the problem is in a lower precision (the head problem is small; the result is cast back).
+      the problem is in a lower precision (the head problem is small; the result is cast back);
+      a linear head's problem is solved in its :attr:`~LinearHeadProblem.folded` form.
     * ``"gd"``: ``max_iters`` plain steps of ``lr`` (``"auto"``: ``1/L_t`` per task), the
       paper's lower level.
 
@@ -962,10 +1019,18 @@ def solve_lower_level(
     """
     check_positive_int("max_iters", max_iters, minimum=0)
     if solver == "newton":
-        wide = _in_float64(problem)
+        dtype = problem.features.dtype
+        if isinstance(problem, LinearHeadProblem):  # one parameter tensor: fewer operations
+            start = {"weight": _stack_head(_cast(phi0, torch.float64))}
+            stacked, report = newton_solve(
+                problem.folded, start, tol=tol, max_iters=max_iters, ray_start=ray_start
+            )
+            return _cast(_split_head(stacked["weight"], bias=problem.bias), dtype), report
         start = _cast(phi0, torch.float64)
-        phi, report = newton_solve(wide, start, tol=tol, max_iters=max_iters, ray_start=ray_start)
-        return _cast(phi, problem.features.dtype), report
+        phi, report = newton_solve(
+            _in_float64(problem), start, tol=tol, max_iters=max_iters, ray_start=ray_start
+        )
+        return _cast(phi, dtype), report
     step: Tensor | float = problem.step_size() if lr == "auto" else float(lr)
     phi = gradient_steps(problem.gradient, phi0, steps=max_iters, lr=step)
     norm = tree_norm(problem.gradient(phi), batched=True)
