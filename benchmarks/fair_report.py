@@ -20,6 +20,7 @@ from typing import Any
 
 from fair_comparison import (
     BASELINES,
+    MACHINE_SPEED_TOLERANCE,
     _grid_flag,
     _setting,
     _study,
@@ -407,6 +408,7 @@ def markdown(
     out += ["", "Targets:", ""] + [f"- {line}" for line in lines]
     if stale:
         out += ["", f"Speed stage: {stale}."]
+    out += ["", machine_share_line(rows)]
     if "mrml" in summary and summary["mrml"]["inner_iterations_mean"] is not None:
         out += [
             "",
@@ -420,6 +422,29 @@ def markdown(
     if tuning is not None:
         out += ["", *tuning_markdown(tuning)]
     return "\n".join(out) + "\n"
+
+
+def machine_share_line(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The runs whose median seconds per iteration differ from their row's median over seeds by
+    more than :data:`MACHINE_SPEED_TOLERANCE`: the same setting at another speed means that run
+    had another share of the machine, or another machine (same CPU seconds, different work)."""
+    outliers = []
+    for name, runs in rows.items():
+        seconds = {r["seed"]: r.get("median_seconds_per_iteration") for r in runs}
+        known = [s for s in seconds.values() if s]
+        if len(known) < 2:
+            continue
+        middle = statistics.median(known)
+        for seed, value in seconds.items():
+            if value and abs(value / middle - 1) > MACHINE_SPEED_TOLERANCE:
+                outliers.append(
+                    f"{name} seed {seed} {value:.2f} s/it against the row's median "
+                    f"{middle:.2f} s ({value / middle - 1:+.0%})"
+                )
+    limit = f"{MACHINE_SPEED_TOLERANCE:.0%}"
+    if not outliers:
+        return f"Machine share: every run's seconds per iteration are within {limit} of its row's."
+    return f"Machine share: **outside {limit} of their row**: " + "; ".join(outliers) + "."
 
 
 def plot(final: dict, path: Path) -> None:

@@ -717,8 +717,9 @@ def test_the_machine_speed_check_compares_a_new_log_with_the_one_it_is_read_agai
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A first speed-stage run is checked against the final stage's runs; a new stage with
-    nothing to compare with, or a stage with nothing left to run, calibrates nothing; failed
-    calibration runs stop the stage."""
+    nothing to compare with, or a stage with nothing left to run, calibrates nothing; the
+    calibration reads the data from this machine's ``--data-root``, not the logged run's;
+    failed calibration runs stop the stage."""
     final_log, speed_log = tmp_path / "final.jsonl", tmp_path / "speed.jsonl"
     final_log.write_text(json.dumps(_logged_run("final anil seed 0", 3.0)) + "\n")
     args = argparse.Namespace(runs=tmp_path / "runs", workers=2)
@@ -733,6 +734,31 @@ def test_the_machine_speed_check_compares_a_new_log_with_the_one_it_is_read_agai
     ran.clear()
     fair.run_all([{"name": "final anil seed 0"}], args, final_log)  # nothing to run: no check
     assert ran == []
+    logged = _logged_run("final anil seed 0", 3.0)
+    logged["options"]["data_root"] = "/elsewhere/data"  # the machine the run was logged on
+    final_log.write_text(json.dumps(logged) + "\n")
+    ran = _machine(monkeypatch, 3.1)  # a machine like the study's
+    fair.run_all([job], argparse.Namespace(**vars(args), data_root="/here"), speed_log, final_log)
+    assert [j["options"]["data_root"] for j in ran[:2]] == ["/here", "/here"]  # this machine's
+    ran.clear()
+    fair.run_all([job], args, tmp_path / "other.jsonl", compared_with=final_log)
+    assert all("data_root" not in j["options"] for j in ran[:2])  # the default location
     _machine(monkeypatch, None)
     with pytest.raises(SystemExit, match="calibration runs failed"):
-        fair.run_all([job], args, speed_log, compared_with=final_log)
+        fair.run_all([job], args, tmp_path / "failing.jsonl", compared_with=final_log)
+
+
+def test_fair_report_names_the_runs_made_at_another_speed_than_their_row() -> None:
+    def runs(row: str, seconds: list[float | None]) -> list[dict]:
+        return [{"row": row, "seed": i, "median_seconds_per_iteration": s}
+                for i, s in enumerate(seconds)]  # fmt: skip
+
+    even = {"mrml": runs("mrml", [2.0, 2.1, 2.2]), "anil": runs("anil", [3.0, None, 3.3])}
+    assert "every run's seconds per iteration are within 15%" in fair_report.machine_share_line(
+        even
+    )
+    uneven = {**even, "maml": runs("maml", [2.0, 2.1, 2.6]), "imaml": runs("imaml", [5.0])}
+    line = fair_report.machine_share_line(uneven)
+    assert "outside 15% of their row" in line
+    assert "maml seed 2 2.60 s/it against the row's median 2.10 s (+24%)" in line
+    assert "mrml" not in line and "imaml" not in line  # within 15%; a single seed

@@ -119,6 +119,52 @@ def _flat(phi: dict[str, Tensor]) -> Tensor:
     return torch.cat([phi["weight"][0].reshape(-1), phi["bias"][0]])
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize(("ways", "shots", "dim"), SHAPES)
+def test_the_folded_problem_answers_every_question_as_the_problem_with_a_bias(
+    ways: int, shots: int, dim: int, loss: str
+) -> None:
+    """``folded`` (``[Z, 1]``, one parameter ``[W, b]``) against the problem it folds, at a
+    point away from the minimiser and a non-zero centre: objective, gradient, curvature
+    products, the mixed product, the outer gradient and the exact inverse, each mapped with
+    ``_stack_head`` (the features' gradients: their first ``d`` columns), to 1e-12 relative;
+    the exact inverse against the solve with a bias, and ``H (H⁻¹ v) = v`` to 1e-10."""
+    zs, ys, zq, yq = _task(ways, shots, dim, loss, seed=3)
+    gen = torch.Generator().manual_seed(4)
+
+    def head() -> dict[str, Tensor]:
+        return {"weight": torch.randn(1, ways, dim, generator=gen, dtype=F64),
+                "bias": torch.randn(1, ways, generator=gen, dtype=F64)}  # fmt: skip
+
+    center, phi, v = head(), head(), head()
+    problem = LinearHeadProblem(zs, ys, center, L2, loss)
+    folded = problem.folded
+    fold = lambda tree: _stack_head(tree)  # noqa: E731
+    phi_f, v_f = {"weight": fold(phi)}, {"weight": fold(v)}
+
+    def close(got: Tensor, want: Tensor) -> None:
+        assert float((got - want).abs().max()) <= 1e-12 * max(1.0, float(want.abs().max()))
+
+    close(folded.objective(phi_f), problem.objective(phi))
+    close(folded.gradient(phi_f)["weight"], fold(problem.gradient(phi)))
+    grad, curvature_f = folded.gradient_and_curvature(phi_f)
+    close(grad["weight"], fold(problem.gradient(phi)))
+    curvature = problem.curvature(phi)
+    close(curvature_f().hvp(v_f)["weight"], fold(curvature.hvp(v)))
+    mixed_f, center_f = folded.curvature(phi_f).mixed_vjp(v_f)
+    mixed, center_part = curvature.mixed_vjp(v)
+    close(mixed_f[..., :dim], mixed)
+    close(center_f["weight"], fold(center_part))
+    query_f, outer_f = folded.outer_gradient(phi_f, _with_ones(zq), yq)
+    query, outer = problem.outer_gradient(phi, zq, yq)
+    close(query_f[..., :dim], query)
+    close(outer_f["weight"], fold(outer))
+    inverse = problem.exact_inverse(phi, v)  # on the folded problem
+    close(fold(inverse), fold(curvature.solve(v)))  # the solve with a bias
+    residual = fold(curvature.hvp(inverse)) - fold(v)  # and it is the inverse (its rounding
+    assert float(residual.abs().max()) <= 1e-10 * float(fold(v).abs().max())  # grows with κ)
+
+
 @pytest.mark.parametrize("kind", ["linear", "folded", "autograd"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize(("ways", "shots", "dim"), SHAPES)

@@ -16,7 +16,8 @@ support side of a chunk of ``T`` tasks and answers every question the methods as
 * :meth:`~HeadProblem.outer_gradient` ``(∇_{Z_q} f_t, ∇_φ f_t)``.
 
 Two implementations, chosen by :func:`head_problem`: :class:`LinearHeadProblem` (an
-``nn.Linear`` head with a bias: closed forms, a handful of batched matrix products) and
+``nn.Linear`` head with a bias: closed forms, a handful of batched matrix products; Newton runs
+on its :attr:`~LinearHeadProblem.folded` form, the bias folded into the weights) and
 :class:`AutogradHeadProblem` (any head, by autograd through ``torch.func``).
 
 Solvers of the lower level, chosen by :func:`solve_lower_level`: :func:`newton_solve` (exact
@@ -284,9 +285,12 @@ class HeadProblem(ABC):
     def step_size(self) -> Tensor:
         """``1/L_t`` per task ``(T,)`` from a curvature bound (linear heads only)."""
 
-    def gradient_and_curvature(self, phi: Mapping[str, Tensor]) -> tuple[TensorDict, Curvature]:
-        """:meth:`gradient` and :meth:`curvature` at the same ``φ`` (a problem may share work)."""
-        return self.gradient(phi), self.curvature(phi)
+    def gradient_and_curvature(
+        self, phi: Mapping[str, Tensor]
+    ) -> tuple[TensorDict, Callable[[], Curvature]]:
+        """:meth:`gradient` at ``φ``, and :meth:`curvature` at ``φ`` when called (a problem may
+        share work between the two; nothing is built for a curvature that is not asked for)."""
+        return self.gradient(phi), lambda: self.curvature(phi)
 
     def exact_inverse(self, phi: Mapping[str, Tensor], rhs: Mapping[str, Tensor]) -> TensorDict:
         """``[∇²_φ g_t(φ_t)]⁻¹ rhs_t`` exactly (problems with :attr:`exact_solve` only)."""
@@ -342,7 +346,7 @@ class LinearHeadProblem(HeadProblem):
         (the solve and the exact ``v`` share it)."""
         wide = torch.float64
         labels = self.labels.to(wide) if self.labels.is_floating_point() else self.labels
-        center = {"weight": _stack_head(self.center).to(wide)}
+        center = {"weight": _stack_head(self.center).detach().to(wide)}
         return LinearHeadProblem(self.augmented.to(wide), labels, center, self.l2, self.loss)
 
     def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
@@ -372,10 +376,11 @@ class LinearHeadProblem(HeadProblem):
 
     def gradient_and_curvature(
         self, phi: Mapping[str, Tensor]
-    ) -> tuple[TensorDict, _LinearCurvature]:
+    ) -> tuple[TensorDict, Callable[[], _LinearCurvature]]:
         """Both from one evaluation of the loss's state at the support logits."""
-        curvature = self.curvature(phi)
-        return self._gradient_at(phi, curvature.state), curvature
+        phi = dict(phi)
+        state = self.logit_loss.state(linear_logits(self.features, phi))
+        return self._gradient_at(phi, state), lambda: _LinearCurvature(self, phi, state)
 
     def outer_gradient(
         self, phi: Mapping[str, Tensor], query: Tensor, query_labels: Tensor
@@ -414,8 +419,9 @@ class LinearHeadProblem(HeadProblem):
         for cross-entropy.
 
         Returns:
-            ``Θ_sq`` shaped like the centre: ``(T, C, d)`` and ``(T, C)``; NaN for a task whose
-            system could not be factored (non-finite features).
+            ``Θ_sq`` shaped like the centre: ``(T, C, d)`` and ``(T, C)`` (``(T, C, d)`` alone
+            without a bias); NaN for a task whose system could not be factored (non-finite
+            features).
 
         Raises:
             ValueError: without an L2 term (``μ = 0``) the ridge problem has no unique solution.
@@ -528,7 +534,8 @@ class _LinearCurvature(Curvature):
     support logits (the softmax for cross-entropy).
 
     :meth:`solve` applies ``H⁻¹ = (Jᵀ S J + μ I)⁻¹`` exactly, in float64, with ``J`` the map
-    from ``Θ = [W, b]`` to the logits, ``Z̃ = [Z, 1] (n, m)``, ``m = d + 1``, ``G̃ = Z̃ Z̃ᵀ`` and
+    from ``Θ = [W, b]`` to the logits, ``Z̃ = [Z, 1] (n, m)``, ``m = d + 1`` (without a bias:
+    ``Θ = W``, ``Z̃ = Z``, ``m = d``), ``G̃ = Z̃ Z̃ᵀ`` and
     the per-example blocks ``S_j = diag(√s_j) (I − w_j w_jᵀ) diag(√s_j)``
     (:meth:`_LogitLoss.hessian_parts`).
     Up to ``SMALL_SYSTEM`` logits (``n·C``) it solves one system in the logit space
@@ -546,7 +553,7 @@ class _LinearCurvature(Curvature):
         return self.problem.logit_loss.hvp(self.state, linear_logits(self.problem.features, v))
 
     def hvp(self, v: Mapping[str, Tensor]) -> TensorDict:
-        out = pull_back(self.problem.features, self._logit_hvp(v))
+        out = pull_back(self.problem.features, self._logit_hvp(v), bias=self.problem.bias)
         return tree_axpy(self.problem.l2, v, out) if self.problem.l2 > 0 else out
 
     def mixed_vjp(self, v: Mapping[str, Tensor]) -> tuple[Tensor, TensorDict]:
@@ -680,7 +687,7 @@ def _class_blocks(
     def complement_dense() -> Tensor:
         scaled = features.mT.unsqueeze(1) * diag.sqrt().unsqueeze(-2)  # Z̃ᵀ ρ_a (T, C, m, n)
         half = torch.linalg.solve_triangular(chol, scaled, upper=False)  # L_a⁻¹ Z̃ᵀ ρ_a
-        return torch.eye(n, dtype=features.dtype) - half.mT @ half
+        return torch.eye(n, dtype=features.dtype, device=features.device) - half.mT @ half
 
     return apply_dense, complement_dense
 
@@ -946,14 +953,14 @@ def newton_solve(
     use_ray = ray_start and max_iters > 0
     phi = problem.newton_start(phi0) if use_ray else {k: v.detach() for k, v in phi0.items()}
     value = problem.objective(phi)
-    grad, curvature = problem.gradient_and_curvature(phi)
+    grad, curvature = problem.gradient_and_curvature(phi)  # the curvature: when asked for
     norm = tree_norm(grad, batched=True)
     iterations = torch.zeros(problem.num_tasks, dtype=torch.int64, device=norm.device)
     for _ in range(max_iters):
         active = norm > tol
         if not bool(active.any()):
             break
-        direction = curvature.solve({k: -g for k, g in grad.items()})
+        direction = curvature().solve({k: -g for k, g in grad.items()})
         phi, value = _backtrack(problem, phi, value, grad, direction, active)
         grad, curvature = problem.gradient_and_curvature(phi)
         norm = torch.where(active, tree_norm(grad, batched=True), norm)
