@@ -313,10 +313,10 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
     measured = [r["median_seconds_per_iteration"] for r in results if "result" in r]
     if len(measured) < len(jobs) or None in measured:
         raise SystemExit("the machine-speed calibration runs failed (see above); fix that first")
-    logged_seconds = reference["median_seconds_per_iteration"]
-    ratio = statistics.median(measured) / logged_seconds
+    logged_seconds, here = reference["median_seconds_per_iteration"], statistics.median(measured)
+    ratio = here / logged_seconds
     print(
-        f"machine speed: {reference['name']} takes {statistics.median(measured):.2f} s/it here, "
+        f"machine speed: {reference['name']} takes {here:.2f} s/it here, "
         f"{logged_seconds:.2f} s/it in the log (ratio {ratio:.2f})",
         flush=True,
     )

@@ -345,16 +345,20 @@ class LinearHeadProblem(HeadProblem):
         Map points with :func:`_stack_head` and :func:`_split_head`. Computed once per problem
         (the solve and the exact ``v`` share it)."""
         wide = torch.float64
-        labels = self.labels.to(wide) if self.labels.is_floating_point() else self.labels
         center = {"weight": _stack_head(self.center).detach().to(wide)}
-        return LinearHeadProblem(self.augmented.to(wide), labels, center, self.l2, self.loss)
+        features, labels = self.augmented.to(wide), _wide_labels(self.labels)
+        return LinearHeadProblem(features, labels, center, self.l2, self.loss)
 
     def objective(self, phi: Mapping[str, Tensor]) -> Tensor:
         value = self.logit_loss.value(linear_logits(self.features, phi), self.labels)
         return value + l2_penalty(phi, self.center, self.l2) if self.l2 > 0 else value
 
     def gradient(self, phi: Mapping[str, Tensor]) -> TensorDict:
-        return self._gradient_at(phi, self.logit_loss.state(linear_logits(self.features, phi)))
+        return self._gradient_at(phi, self._state(phi))
+
+    def _state(self, phi: Mapping[str, Tensor]) -> Tensor:
+        """The loss's state at the support logits of ``φ`` (the softmax for cross-entropy)."""
+        return self.logit_loss.state(linear_logits(self.features, phi))
 
     def _gradient_at(self, phi: Mapping[str, Tensor], state: Tensor) -> TensorDict:
         residual = self.logit_loss.residual(state, self.labels)
@@ -364,8 +368,7 @@ class LinearHeadProblem(HeadProblem):
         return grad
 
     def curvature(self, phi: Mapping[str, Tensor]) -> _LinearCurvature:
-        state = self.logit_loss.state(linear_logits(self.features, phi))
-        return _LinearCurvature(self, dict(phi), state)
+        return _LinearCurvature(self, dict(phi), self._state(phi))
 
     def exact_inverse(self, phi: Mapping[str, Tensor], rhs: Mapping[str, Tensor]) -> TensorDict:
         """``[∇²_φ g_t(φ_t)]⁻¹ rhs_t``, exactly, in float64 on :attr:`folded` (see
@@ -379,7 +382,7 @@ class LinearHeadProblem(HeadProblem):
     ) -> tuple[TensorDict, Callable[[], _LinearCurvature]]:
         """Both from one evaluation of the loss's state at the support logits."""
         phi = dict(phi)
-        state = self.logit_loss.state(linear_logits(self.features, phi))
+        state = self._state(phi)
         return self._gradient_at(phi, state), lambda: _LinearCurvature(self, phi, state)
 
     def outer_gradient(
@@ -1049,12 +1052,17 @@ def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> TensorDict:
     return {k: t.detach().to(dtype) for k, t in tensors.items()}
 
 
-def _in_float64(problem: HeadProblem) -> HeadProblem:
-    """The same problem with its floating tensors in float64 (itself if already there)."""
+def _wide_labels(labels: Tensor) -> Tensor:
+    """Regression targets in float64; class indices as they are."""
+    return labels.double() if labels.is_floating_point() else labels
+
+
+def _in_float64(problem: AutogradHeadProblem) -> AutogradHeadProblem:
+    """The same problem with its floating tensors in float64 (itself if already there); the
+    module is kept, its parameters come from ``φ``. (A linear head's float64 form is
+    :attr:`LinearHeadProblem.folded`.)"""
     if problem.features.dtype == torch.float64:
         return problem
-    labels = problem.labels.double() if problem.labels.is_floating_point() else problem.labels
-    args = (problem.features.double(), labels, _cast(problem.center, torch.float64))
-    if isinstance(problem, AutogradHeadProblem):  # parameters come from φ: the module is kept
-        return AutogradHeadProblem(problem.head, *args, problem.l2, problem.loss)
-    return LinearHeadProblem(*args, problem.l2, problem.loss)
+    args = (problem.features.double(), _wide_labels(problem.labels))
+    center = _cast(problem.center, torch.float64)
+    return AutogradHeadProblem(problem.head, *args, center, problem.l2, problem.loss)
