@@ -183,6 +183,8 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         }
     result = json.loads((run_dir / "result.json").read_text())
     summary = summarise_records(records)
+    if job.get("machine_ratio"):
+        summary = in_logged_seconds(summary, job["machine_ratio"])
     if job.get("frozen_backbone_test"):
         summary["frozen_backbone"] = frozen_backbone_test(run_dir, args)
     print(
@@ -280,13 +282,12 @@ CALIBRATION_VAL_TASKS = 16  # the end-of-run validation of a calibration run, ke
 def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Refuse to add runs to a study whose logged runs ran at another speed.
 
-    Reruns the first logged run that has a median s/it, with its options (and this machine's
-    ``--data-root``), for :data:`CALIBRATION_ITERATIONS` meta-iterations, ``--workers`` copies
-    side by side (as the study's runs go), and compares their median seconds per iteration
-    with the logged one. Those are wall seconds, as logged: a slower machine shows there, and
-    so does other work on this one, under which a CPU second also buys less work (measured:
-    23–39% more seconds per iteration beside a CI run, README), so both are refused. A
-    refusal on a machine believed to be like the study's can be retried.
+    Calibrates (:func:`speed_ratio`) against the first logged run that has a median s/it. A
+    slower machine shows there, and so does other work on this one, under which a CPU second
+    also buys less work (measured: 23–39% more seconds per iteration beside a CI run, README),
+    so both are refused. A refusal on a machine believed to be like the study's can be
+    retried; a study that must go on elsewhere can scale its budgets instead
+    (``--scale-budgets``, :func:`scale_to_logged_speed`).
 
     Raises:
         SystemExit: the ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
@@ -295,6 +296,28 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
     reference = next((r for r in logged if r.get("median_seconds_per_iteration")), None)
     if reference is None:
         return
+    ratio = speed_ratio(reference, args)
+    if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
+        raise SystemExit(
+            f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
+            f"iteration of its logged run: CPU-second budgets would not compare with the runs "
+            f"already in this study; run it on a machine like the study's, add --scale-budgets "
+            f"to give each run the work its budget bought there, or start the stage again by "
+            f"moving its .jsonl log aside"
+        )
+
+
+def speed_ratio(reference: dict[str, Any], args: argparse.Namespace) -> float:
+    """Seconds per iteration here over those of the logged run ``reference``.
+
+    Reruns ``reference``'s options (with this machine's ``--data-root``) for
+    :data:`CALIBRATION_ITERATIONS` meta-iterations, ``--workers`` copies side by side (as the
+    study's runs go), and divides their median seconds per iteration by the logged one (wall
+    seconds, both).
+
+    Raises:
+        SystemExit: the calibration runs failed.
+    """
     budgeted = ("time_budget", "val_every_seconds")
     options = {k: v for k, v in reference["options"].items() if k not in (*budgeted, "data_root")}
     if getattr(args, "data_root", None):
@@ -320,13 +343,65 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
         f"{logged_seconds:.2f} s/it in the log (ratio {ratio:.2f})",
         flush=True,
     )
-    if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
-        raise SystemExit(
-            f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
-            f"iteration of its logged run: CPU-second budgets would not compare with the runs "
-            f"already in this study; run it on a machine like the study's, or start the "
-            f"stage again by moving its .jsonl log aside"
-        )
+    return ratio
+
+
+def scale_to_logged_speed(
+    todo: list[dict[str, Any]], logged: list[dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``todo``'s jobs with the work their budgets bought on the machine of the ``logged`` runs.
+
+    For each method (``options["algo"]``) of ``todo``, :func:`speed_ratio` r against the first
+    logged run of that method; each of its jobs gets ``time_budget`` and
+    ``val_every_seconds`` × r, and ``machine_ratio`` r, by which :func:`run_job` divides the
+    run's times back (:func:`in_logged_seconds`). A method's own ratio, not one machine-wide:
+    methods' relative speeds differ between machines by a few percent (README).
+
+    Raises:
+        SystemExit: a method of ``todo`` has no logged run to calibrate against.
+    """
+    ratios = {}
+    for algo in dict.fromkeys(job["options"]["algo"] for job in todo):
+        reference = next(
+            (r for r in logged
+             if r["options"].get("algo") == algo and r.get("median_seconds_per_iteration")),
+            None,
+        )  # fmt: skip
+        if reference is None:
+            raise SystemExit(
+                f"--scale-budgets: no logged run of {algo} to measure this machine's speed "
+                f"against; run its first configuration on the study's machine, or drop "
+                f"--scale-budgets"
+            )
+        ratios[algo] = speed_ratio(reference, args)
+    scaled = []
+    for job in todo:
+        ratio = ratios[job["options"]["algo"]]
+        options = {**job["options"]}
+        for key in ("time_budget", "val_every_seconds"):
+            if key in options:
+                options[key] = options[key] * ratio
+        scaled.append({**job, "options": options, "machine_ratio": ratio})
+    return scaled
+
+
+def in_logged_seconds(summary: dict[str, Any], ratio: float) -> dict[str, Any]:
+    """A run's summary (:func:`summarise_records`) with its times divided by ``ratio``: seconds
+    of the machine it was calibrated against. Its own are kept as ``curve_here`` and
+    ``median_seconds_per_iteration_here``."""
+    seconds = summary["median_seconds_per_iteration"]
+    return {
+        **summary,
+        "curve": [(t / ratio, accuracy) for t, accuracy in summary["curve"]],
+        "curve_here": summary["curve"],
+        "median_seconds_per_iteration": seconds / ratio if seconds is not None else None,
+        "median_seconds_per_iteration_here": seconds,
+        "trajectory": [
+            {**row, "train_cpu_seconds": row["train_cpu_seconds"] / ratio}
+            if row.get("train_cpu_seconds") is not None else row
+            for row in summary["trajectory"]
+        ],
+    }  # fmt: skip
 
 
 def run_all(
@@ -338,13 +413,17 @@ def run_all(
     """Two jobs at a time (one thread each). Each finished job is appended to ``log`` (JSON
     lines) at once, and a job already there is not run again: a stage that was stopped goes on
     where it was. Before it adds runs to those logged (or, with none yet, to the runs of the
-    log ``compared_with``, which its results are read against), :func:`check_machine_speed`.
+    log ``compared_with``, which its results are read against), :func:`check_machine_speed`,
+    or with ``--scale-budgets`` :func:`scale_to_logged_speed`.
     Returns every logged result, in job order."""
     done = {r["name"]: r for r in read_log(log)}
     todo = [job for job in jobs if job["name"] not in done]
     if todo:
         logged = list(done.values()) or (read_log(compared_with) if compared_with else [])
-        check_machine_speed(logged, args)
+        if getattr(args, "scale_budgets", False) and logged:
+            todo = scale_to_logged_speed(todo, logged, args)
+        else:
+            check_machine_speed(logged, args)
     lock = threading.Lock()
 
     def run_and_log(job: dict[str, Any]) -> None:
@@ -870,6 +949,13 @@ def main() -> None:
     parser.add_argument("--val-tasks", type=int, default=200)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--scale-budgets",
+        action="store_true",
+        help="tune, final, long, speed: on a machine of another speed than the stage's logged "
+        "runs, give each new run the work its budget bought there (CPU seconds × its method's "
+        "measured speed ratio) instead of refusing; its times are logged in the study's seconds",
+    )
     parser.add_argument("--cost-rounds", type=int, default=7)
     parser.add_argument("--cost-iterations", type=int, default=5)
     parser.add_argument(

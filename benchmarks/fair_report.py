@@ -264,6 +264,9 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
         "| method | configuration | iterations | best val |",
         "|---|---|---|---|",
     ]
+    scaled = scaled_budgets_line(tuning["runs"])
+    if scaled:
+        out[4:4] = [scaled, ""]
     if tuning.get("partial"):
         out[2:2] = [
             f"**Partial**: {len(tuning['runs'])} configurations run so far; nothing is "
@@ -408,7 +411,7 @@ def markdown(
     out += ["", "Targets:", ""] + [f"- {line}" for line in lines]
     if stale:
         out += ["", f"Speed stage: {stale}."]
-    out += ["", machine_share_line(rows)]
+    out += machine_lines(rows, final["runs"])
     if "mrml" in summary and summary["mrml"]["inner_iterations_mean"] is not None:
         out += [
             "",
@@ -422,6 +425,35 @@ def markdown(
     if tuning is not None:
         out += ["", *tuning_markdown(tuning)]
     return "\n".join(out) + "\n"
+
+
+def machine_lines(rows: dict[str, list[dict[str, Any]]], runs: list[dict[str, Any]]) -> list[str]:
+    """The paragraphs on how the runs shared the machine (:func:`machine_share_line`) and, if
+    any ran elsewhere with scaled budgets, which (:func:`scaled_budgets_line`)."""
+    scaled = scaled_budgets_line(runs)
+    return ["", machine_share_line(rows), *(["", scaled] if scaled else [])]
+
+
+def scaled_budgets_line(runs: list[dict[str, Any]]) -> str | None:
+    """Which runs ran on another machine with budgets scaled to the study's
+    (``fair_comparison.py --scale-budgets``), and by how much; ``None`` if none did."""
+    ratios: dict[str, list[float]] = {}
+    for run in runs:
+        if run.get("machine_ratio"):
+            ratios.setdefault(run["options"]["algo"], []).append(run["machine_ratio"])
+    if not ratios:
+        return None
+    count = sum(len(values) for values in ratios.values())
+    each = ", ".join(
+        f"{algo} {min(values):.2f}" + (f"–{max(values):.2f}" if max(values) > min(values) else "")
+        for algo, values in ratios.items()
+    )
+    return (
+        f"Budgets scaled: {count} of {len(runs)} runs ran on a machine of another speed, each "
+        f"with its CPU-second budget and validation spacing multiplied by its method's measured "
+        f"ratio of seconds per iteration there to the study's ({each}); their times are given "
+        f"in the study's seconds."
+    )
 
 
 def machine_share_line(rows: dict[str, list[dict[str, Any]]]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -762,3 +763,94 @@ def test_fair_report_names_the_runs_made_at_another_speed_than_their_row() -> No
     assert "outside 15% of their row" in line
     assert "maml seed 2 2.60 s/it against the row's median 2.10 s (+24%)" in line
     assert "mrml" not in line and "imaml" not in line  # within 15%; a single seed
+
+
+def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--scale-budgets``, each method is calibrated against its own first logged run
+    and its new runs get that ratio × the CPU budget and validation spacing (ANIL 2.0×, mrml
+    2.5× here); a method with no logged run to calibrate against stops the stage."""
+    log = tmp_path / "stage.jsonl"
+    mrml = _logged_run("tune mrml #0", 2.0)
+    mrml["options"] |= {"algo": "mrml", "l2": 0.1}
+    logged = [_logged_run("tune anil #0", 3.0), _logged_run("tune anil #1", 9.0), mrml]
+    log.write_text("".join(json.dumps(r) + "\n" for r in logged))
+    here = {"anil": 6.0, "mrml": 5.0}  # s/it of the calibration runs on this machine
+    ran: list[dict] = []
+
+    def fake_run(job: dict, _: object) -> dict:
+        ran.append(job)
+        if job["name"].startswith("calibration"):
+            seconds = here[job["options"]["algo"]]
+            return {**job, "result": {}, "median_seconds_per_iteration": seconds}
+        return {**job, "result": {}, "best_val": 0.5}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    args = argparse.Namespace(runs=tmp_path / "runs", workers=2, scale_budgets=True)
+    budgets = {"time_budget": 240.0, "val_every_seconds": 40.0}
+    todo = [
+        {"name": "tune anil #2", "options": {"algo": "anil", **budgets}, "run_dir": "a"},
+        {"name": "tune mrml #1", "options": {"algo": "mrml", **budgets}, "run_dir": "b"},
+    ]
+    results = fair.run_all([{"name": r["name"]} for r in logged] + todo, args, log)
+    calibrations = [job["options"] for job in ran if job["name"].startswith("calibration")]
+    assert [(o["algo"], o.get("l2")) for o in calibrations] == [("anil", None)] * 2 + [
+        ("mrml", 0.1)
+    ] * 2  # each method against its first logged run, --workers copies
+    scaled = {r["name"]: r for r in results[len(logged) :]}
+    anil, mrml_run = scaled["tune anil #2"], scaled["tune mrml #1"]
+    assert anil["machine_ratio"] == pytest.approx(2.0)
+    assert anil["options"]["time_budget"] == pytest.approx(480.0)
+    assert anil["options"]["val_every_seconds"] == pytest.approx(80.0)
+    assert mrml_run["machine_ratio"] == pytest.approx(2.5)
+    assert mrml_run["options"]["time_budget"] == pytest.approx(600.0)
+    assert [json.loads(line)["name"] for line in log.read_text().splitlines()][-2:] == [
+        "tune anil #2",
+        "tune mrml #1",
+    ]  # logged with the budgets they ran with
+    stranger = {"name": "tune maml #0", "options": {"algo": "maml", **budgets}, "run_dir": "c"}
+    with pytest.raises(SystemExit, match="no logged run of maml"):
+        fair.run_all([stranger], args, log)
+
+
+def test_a_run_with_a_scaled_budget_logs_its_times_in_the_study_machines_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_job`` divides a scaled run's curve, trajectory and seconds per iteration by its
+    machine ratio, and keeps its own; an unscaled run's times are as measured."""
+    train = [{"kind": "train", "iteration": i, "seconds": 4.0, "train_cpu_seconds": 4.0 * (i + 1),
+              "loss": 1.0, "accuracy": 0.5} for i in range(5)]  # fmt: skip
+    records = [*train, {"kind": "val", "accuracy": 0.7, "train_cpu_seconds": 20.0}]
+
+    def fake_subprocess(command: list[str], **_: object) -> subprocess.CompletedProcess:
+        run_dir = Path(command[command.index("--out") + 1])
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (run_dir / "result.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(fair.subprocess, "run", fake_subprocess)
+    args = argparse.Namespace()
+    job = {"name": "tune anil #0", "options": {"algo": "anil"}, "run_dir": str(tmp_path / "a")}
+    plain = fair.run_job(job, args)
+    assert plain["curve"] == [(20.0, 0.7)] and plain["median_seconds_per_iteration"] == 4.0
+    assert "curve_here" not in plain
+    scaled = fair.run_job({**job, "run_dir": str(tmp_path / "b"), "machine_ratio": 2.0}, args)
+    assert scaled["curve"] == [(10.0, 0.7)] and scaled["curve_here"] == [(20.0, 0.7)]
+    assert scaled["median_seconds_per_iteration"] == 2.0
+    assert scaled["median_seconds_per_iteration_here"] == 4.0
+    assert [row["train_cpu_seconds"] for row in scaled["trajectory"]] == [10.0]
+
+
+def test_fair_report_says_which_runs_ran_with_scaled_budgets() -> None:
+    def run(algo: str, ratio: float | None) -> dict:
+        return {"options": {"algo": algo}, **({"machine_ratio": ratio} if ratio else {})}
+
+    assert fair_report.scaled_budgets_line([run("anil", None), run("mrml", None)]) is None
+    line = fair_report.scaled_budgets_line(
+        [run("anil", None), run("anil", 2.04), run("anil", 2.1), run("mrml", 2.3)]
+    )
+    assert line is not None
+    assert "3 of 4 runs ran on a machine of another speed" in line
+    assert "(anil 2.04–2.10, mrml 2.30)" in line
