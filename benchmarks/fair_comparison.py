@@ -175,10 +175,11 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if done.returncode != 0:
         print(f"FAILED {job['name']}: {done.stderr.strip()[-400:]}", flush=True)
         # a diverged run's records up to the failure are where its cause shows
+        rows = trajectory(records)
         return {
             **job,
             "failed": done.stderr.strip()[-2000:],
-            "trajectory": trajectory(records),
+            "trajectory": trajectory_in_seconds(rows, job.get("machine_ratio", 1.0)),
             "wall_seconds": wall,
         }
     result = json.loads((run_dir / "result.json").read_text())
@@ -196,19 +197,26 @@ def run_job(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Validation curve (CPU seconds, accuracy), iterations, s/it, the solve statistics, and the
+    """Validation curve (CPU seconds, accuracy), iterations, s/it (wall, and CPU from the third
+    iteration on), the solve statistics, and the
     training records between two validations summarised block by block (:func:`trajectory`):
     the run folders are not committed, so the logged result keeps the block means (not the
     per-iteration records)."""
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     per_it = [r["seconds"] for r in train[2:]] or [r["seconds"] for r in train]
+    cpu_per_it = [
+        b["train_cpu_seconds"] - a["train_cpu_seconds"]
+        for a, b in zip(train[1:], train[2:], strict=False)
+        if a.get("train_cpu_seconds") is not None and b.get("train_cpu_seconds") is not None
+    ]
     norms = _finite(train, "inner_grad_norm_max")
     return {
         "iterations": len(train),
         "curve": [(r["train_cpu_seconds"], r["accuracy"]) for r in val],
         "best_val": max((r["accuracy"] for r in val), default=float("nan")),
         "median_seconds_per_iteration": statistics.median(per_it) if per_it else None,
+        "median_cpu_seconds_per_iteration": statistics.median(cpu_per_it) if cpu_per_it else None,
         "inner_grad_norm_max": max(norms) if norms else None,
         "inner_iterations_mean": _mean(
             [r["inner_iterations"] for r in train if r.get("inner_iterations") is not None]
@@ -282,18 +290,18 @@ CALIBRATION_VAL_TASKS = 16  # the end-of-run validation of a calibration run, ke
 def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Refuse to add runs to a study whose logged runs ran at another speed.
 
-    Calibrates (:func:`speed_ratio`) against the first logged run that has a median s/it. A
-    slower machine shows there, and so does other work on this one, under which a CPU second
-    also buys less work (measured: 23–39% more seconds per iteration beside a CI run, README),
-    so both are refused. A refusal on a machine believed to be like the study's can be
-    retried; a study that must go on elsewhere can scale its budgets instead
+    Calibrates (:func:`speed_ratio`) against the first logged run that has CPU seconds per
+    iteration. A slower machine shows there, and so does other work on this one, under which
+    a CPU second also buys less work (measured: 23–39% more seconds per iteration beside a CI
+    run, README), so both are refused. A refusal on a machine believed to be like the study's
+    can be retried; a study that must go on elsewhere can scale its budgets instead
     (``--scale-budgets``, :func:`scale_to_logged_speed`).
 
     Raises:
         SystemExit: the ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
             calibration runs failed.
     """
-    reference = next((r for r in logged if r.get("median_seconds_per_iteration")), None)
+    reference = next((r for r in logged if cpu_seconds_per_iteration(r)), None)
     if reference is None:
         return
     ratio = speed_ratio(reference, args)
@@ -307,13 +315,33 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
         )
 
 
+def cpu_seconds_per_iteration(run: dict[str, Any]) -> float | None:
+    """A logged run's CPU seconds per meta-iteration (the study machine's, for a scaled run).
+
+    Its ``median_cpu_seconds_per_iteration`` where logged (:func:`summarise_records`); for a
+    run logged before that was, the median over consecutive trajectory blocks of
+    Δ train CPU seconds / Δ iterations (the first block, with the warm-up, left out); ``None``
+    where neither is known."""
+    if run.get("median_cpu_seconds_per_iteration"):
+        return run["median_cpu_seconds_per_iteration"]
+    rows = [r for r in run.get("trajectory", []) if r.get("train_cpu_seconds") is not None]
+    steps = [
+        (b["train_cpu_seconds"] - a["train_cpu_seconds"])
+        / (b["last_iteration"] - a["last_iteration"])
+        for a, b in zip(rows, rows[1:], strict=False)
+        if b["last_iteration"] > a["last_iteration"]
+    ]
+    return statistics.median(steps) if steps else None
+
+
 def speed_ratio(reference: dict[str, Any], args: argparse.Namespace) -> float:
-    """Seconds per iteration here over those of the logged run ``reference``.
+    """CPU seconds per iteration here over those of the logged run ``reference``.
 
     Reruns ``reference``'s options (with this machine's ``--data-root``) for
     :data:`CALIBRATION_ITERATIONS` meta-iterations, ``--workers`` copies side by side (as the
-    study's runs go), and divides their median seconds per iteration by the logged one (wall
-    seconds, both).
+    study's runs go), and divides the median of their CPU seconds per iteration by the logged
+    one (:func:`cpu_seconds_per_iteration`). CPU seconds, because budgets are: time taken from
+    a virtual machine by its host lengthens wall seconds, not the work a CPU second buys.
 
     Raises:
         SystemExit: the calibration runs failed.
@@ -333,17 +361,23 @@ def speed_ratio(reference: dict[str, Any], args: argparse.Namespace) -> float:
     ]
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(lambda job: run_job(job, args), jobs))
-    measured = [r["median_seconds_per_iteration"] for r in results if "result" in r]
+    measured = [r.get("median_cpu_seconds_per_iteration") for r in results if "result" in r]
     if len(measured) < len(jobs) or None in measured:
         raise SystemExit("the machine-speed calibration runs failed (see above); fix that first")
-    logged_seconds, here = reference["median_seconds_per_iteration"], statistics.median(measured)
+    logged_seconds, here = cpu_seconds_per_iteration(reference), statistics.median(measured)
     ratio = here / logged_seconds
     print(
-        f"machine speed: {reference['name']} takes {here:.2f} s/it here, "
-        f"{logged_seconds:.2f} s/it in the log (ratio {ratio:.2f})",
+        f"machine speed: {reference['name']} takes {here:.2f} CPU s/it here, "
+        f"{logged_seconds:.2f} in the log (ratio {ratio:.2f})",
         flush=True,
     )
     return ratio
+
+
+def speed_key(run: dict[str, Any]) -> str:
+    """What a run is calibrated as: its row (final, long, speed), else its method (tuning),
+    else its algorithm."""
+    return run.get("row") or run.get("method") or run["options"]["algo"]
 
 
 def scale_to_logged_speed(
@@ -351,57 +385,71 @@ def scale_to_logged_speed(
 ) -> list[dict[str, Any]]:
     """``todo``'s jobs with the work their budgets bought on the machine of the ``logged`` runs.
 
-    For each method (``options["algo"]``) of ``todo``, :func:`speed_ratio` r against the first
-    logged run of that method; each of its jobs gets ``time_budget`` and
+    For each row or method of ``todo`` (:func:`speed_key`), :func:`speed_ratio` r against the
+    first logged run of the same one, else of the same algorithm. Where r is off by more than
+    :data:`MACHINE_SPEED_TOLERANCE`, each of its jobs gets ``time_budget`` and
     ``val_every_seconds`` × r, and ``machine_ratio`` r, by which :func:`run_job` divides the
-    run's times back (:func:`in_logged_seconds`). A method's own ratio, not one machine-wide:
-    methods' relative speeds differ between machines by a few percent (README).
+    run's times back (:func:`in_logged_seconds`); within it, the machine counts as the study's
+    (as :func:`check_machine_speed` would let it go on) and the jobs are left as they are. Each
+    row its own ratio, not one machine-wide: the methods' ratios between two machines measured
+    1.4–2.1 (README).
 
     Raises:
-        SystemExit: a method of ``todo`` has no logged run to calibrate against.
+        SystemExit: a row of ``todo`` has no logged run of its own or of its algorithm.
     """
-    ratios = {}
-    for algo in dict.fromkeys(job["options"]["algo"] for job in todo):
-        reference = next(
-            (r for r in logged
-             if r["options"].get("algo") == algo and r.get("median_seconds_per_iteration")),
-            None,
-        )  # fmt: skip
+    ratios: dict[str, float] = {}
+    for job in todo:
+        key = speed_key(job)
+        if key in ratios:
+            continue
+        timed = [r for r in logged if cpu_seconds_per_iteration(r)]
+        reference = next((r for r in timed if speed_key(r) == key), None) or next(
+            (r for r in timed if r["options"].get("algo") == job["options"]["algo"]), None
+        )
         if reference is None:
             raise SystemExit(
-                f"--scale-budgets: no logged run of {algo} to measure this machine's speed "
-                f"against; run its first configuration on the study's machine, or drop "
-                f"--scale-budgets"
+                f"--scale-budgets: no logged run of {key} to measure this machine's speed "
+                f"against; run it on the study's machine first, or drop --scale-budgets"
             )
-        ratios[algo] = speed_ratio(reference, args)
-    scaled = []
-    for job in todo:
-        ratio = ratios[job["options"]["algo"]]
-        options = {**job["options"]}
-        for key in ("time_budget", "val_every_seconds"):
-            if key in options:
-                options[key] = options[key] * ratio
-        scaled.append({**job, "options": options, "machine_ratio": ratio})
-    return scaled
+        ratio = speed_ratio(reference, args)
+        ratios[key] = 1.0 if abs(ratio - 1) <= MACHINE_SPEED_TOLERANCE else ratio
+    return [_scaled(job, ratios[speed_key(job)]) for job in todo]
+
+
+def _scaled(job: dict[str, Any], ratio: float) -> dict[str, Any]:
+    """``job`` with its budget options × ``ratio`` and ``machine_ratio`` set (itself at 1)."""
+    if ratio == 1.0:
+        return job
+    options = {**job["options"]}
+    for key in ("time_budget", "val_every_seconds"):
+        if key in options:
+            options[key] = options[key] * ratio
+    return {**job, "options": options, "machine_ratio": ratio}
 
 
 def in_logged_seconds(summary: dict[str, Any], ratio: float) -> dict[str, Any]:
-    """A run's summary (:func:`summarise_records`) with its times divided by ``ratio``: seconds
-    of the machine it was calibrated against. Its own are kept as ``curve_here`` and
-    ``median_seconds_per_iteration_here``."""
-    seconds = summary["median_seconds_per_iteration"]
+    """A run's summary (:func:`summarise_records`) with its times divided by ``ratio``: in the
+    study machine's seconds. Its own curve and seconds per iteration are kept beside them
+    (``curve_here``, ``median_seconds_per_iteration_here``)."""
+    wall, cpu = summary["median_seconds_per_iteration"], summary["median_cpu_seconds_per_iteration"]
     return {
         **summary,
         "curve": [(t / ratio, accuracy) for t, accuracy in summary["curve"]],
         "curve_here": summary["curve"],
-        "median_seconds_per_iteration": seconds / ratio if seconds is not None else None,
-        "median_seconds_per_iteration_here": seconds,
-        "trajectory": [
-            {**row, "train_cpu_seconds": row["train_cpu_seconds"] / ratio}
-            if row.get("train_cpu_seconds") is not None else row
-            for row in summary["trajectory"]
-        ],
-    }  # fmt: skip
+        "median_seconds_per_iteration": wall / ratio if wall is not None else None,
+        "median_seconds_per_iteration_here": wall,
+        "median_cpu_seconds_per_iteration": cpu / ratio if cpu is not None else None,
+        "trajectory": trajectory_in_seconds(summary["trajectory"], ratio),
+    }
+
+
+def trajectory_in_seconds(rows: list[dict[str, Any]], ratio: float) -> list[dict[str, Any]]:
+    """:func:`trajectory`'s rows with ``train_cpu_seconds`` divided by ``ratio``."""
+    return [
+        {**row, "train_cpu_seconds": row["train_cpu_seconds"] / ratio}
+        if row.get("train_cpu_seconds") is not None else row
+        for row in rows
+    ]  # fmt: skip
 
 
 def run_all(
@@ -409,21 +457,24 @@ def run_all(
     args: argparse.Namespace,
     log: Path,
     compared_with: Path | None = None,
+    scale_against: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Two jobs at a time (one thread each). Each finished job is appended to ``log`` (JSON
     lines) at once, and a job already there is not run again: a stage that was stopped goes on
     where it was. Before it adds runs to those logged (or, with none yet, to the runs of the
-    log ``compared_with``, which its results are read against), :func:`check_machine_speed`,
-    or with ``--scale-budgets`` :func:`scale_to_logged_speed`.
-    Returns every logged result, in job order."""
+    log ``compared_with``, which its results are read against), :func:`check_machine_speed`.
+    With ``--scale-budgets``, :func:`scale_to_logged_speed` instead, against the runs logged,
+    then those of ``compared_with``, then those of ``scale_against`` (the stage before, so that
+    a new stage starting on another machine still runs in the study machine's seconds); with
+    none of them, the jobs run as they are. Returns every logged result, in job order."""
     done = {r["name"]: r for r in read_log(log)}
     todo = [job for job in jobs if job["name"] not in done]
-    if todo:
-        logged = list(done.values()) or (read_log(compared_with) if compared_with else [])
-        if getattr(args, "scale_budgets", False) and logged:
-            todo = scale_to_logged_speed(todo, logged, args)
-        else:
-            check_machine_speed(logged, args)
+    earlier = read_log(compared_with) if compared_with else []
+    if todo and getattr(args, "scale_budgets", False):
+        references = [*done.values(), *earlier, *(read_log(scale_against) if scale_against else [])]
+        todo = scale_to_logged_speed(todo, references, args) if references else todo
+    elif todo:
+        check_machine_speed(list(done.values()) or earlier, args)
     lock = threading.Lock()
 
     def run_and_log(job: dict[str, Any]) -> None:
@@ -480,7 +531,14 @@ def mrml_seeds(final_runs: list[dict[str, Any]]) -> list[int]:
 
 def validation_spacing(runs: list[dict[str, Any]]) -> float:
     """The CPU seconds between two validations of a stage's runs (0 where none records it)."""
-    return next((r["options"]["val_every_seconds"] for r in runs if "options" in r), 0.0)
+    return next((study_seconds(r, "val_every_seconds") for r in runs if "options" in r), 0.0)
+
+
+def study_seconds(run: dict[str, Any], key: str) -> float:
+    """A logged run's budget option ``key`` (``time_budget``, ``val_every_seconds``) in the
+    study machine's seconds: a run scaled to another machine's speed logs the seconds it ran
+    there (:func:`scale_to_logged_speed`)."""
+    return run["options"][key] / run.get("machine_ratio", 1.0)
 
 
 def undecided_rows(final_runs: list[dict[str, Any]], spacing: float) -> list[str]:
@@ -592,7 +650,12 @@ def final(args: argparse.Namespace) -> None:
             run_dir = args.runs / f"final-{_study(args)}-{name}-seed{seed}"
             jobs.append(_job("final", name, algo, seed, config, args.budget, run_dir, args))
         groups.append(jobs)
-    results = run_all(interleave(groups), args, _stage_file("final", args, ".jsonl"))
+    results = run_all(
+        interleave(groups),
+        args,
+        _stage_file("final", args, ".jsonl"),
+        scale_against=_stage_file("tuning", args, ".jsonl"),
+    )
     fields = {
         "budget_cpu_seconds": args.budget,
         "seeds": args.seeds,
@@ -644,7 +707,12 @@ def long(args: argparse.Namespace) -> None:
             config, budget = tuning["selected"][name], args.long_budget
             jobs.append(_job("long", name, name, seed, config, budget, args.runs / folder, args))
     log = _stage_file("long", args, ".jsonl")
-    run_all([job for job in jobs if job["row"] in only], args, log)
+    run_all(
+        [job for job in jobs if job["row"] in only],
+        args,
+        log,
+        scale_against=_stage_file("final", args, ".jsonl"),
+    )
     logged = {r["name"]: r for r in read_log(log)}
     asked = [logged.pop(job["name"]) for job in jobs if job["name"] in logged]
     # runs of earlier calls with more seeds or baselines stay in the file

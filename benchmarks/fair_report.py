@@ -27,7 +27,9 @@ from fair_comparison import (
     first_time,
     mrml_seeds,
     read_log,
+    speed_key,
     speed_threshold,
+    study_seconds,
     undecided_rows,
     validation_spacing,
 )
@@ -162,6 +164,8 @@ def speed_markdown(speed: dict[str, Any], dense: DenseSpeed) -> list[str]:
         "| row | seed | CPU s to threshold |",
         "|---|---|---|",
     ]
+    if scaled := scaled_budgets_line(speed["runs"]):
+        out[4:4] = [scaled, ""]
     for row, times in dense.times.items():
         out += [f"| {row} | {seed} | {_secs(t)} |" for seed, t in sorted(times.items())]
     return out
@@ -264,8 +268,7 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
         "| method | configuration | iterations | best val |",
         "|---|---|---|---|",
     ]
-    scaled = scaled_budgets_line(tuning["runs"])
-    if scaled:
+    if scaled := scaled_budgets_line(tuning["runs"]):
         out[4:4] = [scaled, ""]
     if tuning.get("partial"):
         out[2:2] = [
@@ -328,6 +331,8 @@ def long_markdown(long: dict[str, Any]) -> list[str]:
         "| row | seed | iterations | best val | test, native | test, frozen backbone |",
         "|---|---|---|---|---|---|",
     ]
+    if scaled := scaled_budgets_line(long["runs"]):
+        out[4:4] = [scaled, ""]
     for row, runs in by_row.items():
         for run in sorted(runs, key=lambda r: r.get("seed", 0)):
             seed = run.get("seed", 0)
@@ -440,7 +445,7 @@ def scaled_budgets_line(runs: list[dict[str, Any]]) -> str | None:
     ratios: dict[str, list[float]] = {}
     for run in runs:
         if run.get("machine_ratio"):
-            ratios.setdefault(run["options"]["algo"], []).append(run["machine_ratio"])
+            ratios.setdefault(speed_key(run), []).append(run["machine_ratio"])
     if not ratios:
         return None
     count = sum(len(values) for values in ratios.values())
@@ -450,9 +455,9 @@ def scaled_budgets_line(runs: list[dict[str, Any]]) -> str | None:
     )
     return (
         f"Budgets scaled: {count} of {len(runs)} runs ran on a machine of another speed, each "
-        f"with its CPU-second budget and validation spacing multiplied by its method's measured "
-        f"ratio of seconds per iteration there to the study's ({each}); their times are given "
-        f"in the study's seconds."
+        f"with its CPU-second budget and validation spacing multiplied by its row's measured "
+        f"ratio of CPU seconds per iteration there to the study's ({each}); their times are "
+        f"given in the study's seconds, and their wall seconds as measured."
     )
 
 
@@ -520,11 +525,11 @@ def _stage(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     runs = read_log(log)
     if not runs:
         return None
-    first = runs[0]["options"]
+    first = runs[0]["options"]  # a budget option in it is this run's machine's seconds
     return {
         "partial": True,
         "runs": runs,
-        "budget_cpu_seconds": first["time_budget"],
+        "budget_cpu_seconds": study_seconds(runs[0], "time_budget"),
         "seeds": len({r.get("seed", 0) for r in runs}),  # tuning runs are all seed 0
         "val_tasks": first.get("val_tasks"),
         "test_tasks": first["test_tasks"],

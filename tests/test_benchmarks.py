@@ -667,7 +667,12 @@ def test_fair_report_takes_the_speed_target_of_the_undecided_rows_from_the_speed
 def _logged_run(name: str, seconds: float) -> dict:
     options = {"algo": "anil", "lr": 0.001, "time_budget": 240.0, "val_every_seconds": 40.0,
                "iterations": 10**7, "val_tasks": 200, "test_tasks": 0}  # fmt: skip
-    return {"name": name, "options": options, "result": {}, "median_seconds_per_iteration": seconds}
+    return {"name": name, "options": options, "result": {}, **_per_iteration(seconds)}
+
+
+def _per_iteration(seconds: float) -> dict:
+    """A run summary's seconds per iteration, wall and CPU alike."""
+    return {"median_seconds_per_iteration": seconds, "median_cpu_seconds_per_iteration": seconds}
 
 
 def _machine(monkeypatch: pytest.MonkeyPatch, seconds: float | None) -> list[dict]:
@@ -680,7 +685,7 @@ def _machine(monkeypatch: pytest.MonkeyPatch, seconds: float | None) -> list[dic
         if job["name"].startswith("calibration"):
             if seconds is None:
                 return {**job, "failed": "boom"}
-            return {**job, "result": {}, "median_seconds_per_iteration": seconds}
+            return {**job, "result": {}, **_per_iteration(seconds)}
         return {**job, "result": {}, "best_val": 0.5}
 
     monkeypatch.setattr(fair, "run_job", fake_run)
@@ -765,92 +770,206 @@ def test_fair_report_names_the_runs_made_at_another_speed_than_their_row() -> No
     assert "mrml" not in line and "imaml" not in line  # within 15%; a single seed
 
 
-def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study_machine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With ``--scale-budgets``, each method is calibrated against its own first logged run
-    and its new runs get that ratio × the CPU budget and validation spacing (ANIL 2.0×, mrml
-    2.5× here); a method with no logged run to calibrate against stops the stage."""
-    log = tmp_path / "stage.jsonl"
-    mrml = _logged_run("tune mrml #0", 2.0)
-    mrml["options"] |= {"algo": "mrml", "l2": 0.1}
-    logged = [_logged_run("tune anil #0", 3.0), _logged_run("tune anil #1", 9.0), mrml]
-    log.write_text("".join(json.dumps(r) + "\n" for r in logged))
-    here = {"anil": 6.0, "mrml": 5.0}  # s/it of the calibration runs on this machine
+def _calibrated_machine(monkeypatch: pytest.MonkeyPatch, here: dict[str, float]) -> list[dict]:
+    """``run_job`` replaced: a calibration run of algorithm ``a`` takes ``here[a]`` CPU s/it;
+    every job it is given is recorded."""
     ran: list[dict] = []
 
     def fake_run(job: dict, _: object) -> dict:
         ran.append(job)
         if job["name"].startswith("calibration"):
-            seconds = here[job["options"]["algo"]]
-            return {**job, "result": {}, "median_seconds_per_iteration": seconds}
+            return {**job, "result": {}, **_per_iteration(here[job["options"]["algo"]])}
         return {**job, "result": {}, "best_val": 0.5}
 
     monkeypatch.setattr(fair, "run_job", fake_run)
-    args = argparse.Namespace(runs=tmp_path / "runs", workers=2, scale_budgets=True)
+    return ran
+
+
+def _todo(name: str, algo: str, **fields: object) -> dict:
     budgets = {"time_budget": 240.0, "val_every_seconds": 40.0}
-    todo = [
-        {"name": "tune anil #2", "options": {"algo": "anil", **budgets}, "run_dir": "a"},
-        {"name": "tune mrml #1", "options": {"algo": "mrml", **budgets}, "run_dir": "b"},
-    ]
+    return {"name": name, "options": {"algo": algo, **budgets}, "run_dir": name, **fields}
+
+
+def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--scale-budgets``, each method is calibrated against its own first logged run
+    (never a later one, never another method's) and its new runs get that ratio × the CPU
+    budget and validation spacing (ANIL 2.0×, mrml 2.5× here), logged as they ran; a method
+    within the tolerance runs as it is; one with nothing to calibrate against stops the stage."""
+    log = tmp_path / "stage.jsonl"
+    mrml = _logged_run("tune mrml #0", 2.0)
+    mrml["options"] |= {"algo": "mrml", "l2": 0.1}
+    untimed = {**_logged_run("tune itd-bio #0", 1.0), "median_cpu_seconds_per_iteration": None}
+    untimed["options"]["algo"] = "itd-bio"
+    logged = [untimed, _logged_run("tune anil #0", 3.0), _logged_run("tune anil #1", 9.0), mrml]
+    logged[1]["method"], logged[2]["method"], mrml["method"] = "anil", "anil", "mrml"
+    log.write_text("".join(json.dumps(r) + "\n" for r in logged))
+    ran = _calibrated_machine(monkeypatch, {"anil": 6.0, "mrml": 5.0, "itd-bio": 1.0})
+    args = argparse.Namespace(runs=tmp_path / "runs", workers=2, scale_budgets=True)
+    todo = [_todo("tune anil #2", "anil", method="anil"),
+            _todo("tune mrml #1", "mrml", method="mrml")]  # fmt: skip
     results = fair.run_all([{"name": r["name"]} for r in logged] + todo, args, log)
     calibrations = [job["options"] for job in ran if job["name"].startswith("calibration")]
     assert [(o["algo"], o.get("l2")) for o in calibrations] == [("anil", None)] * 2 + [
         ("mrml", 0.1)
     ] * 2  # each method against its first logged run, --workers copies
+    assert all("time_budget" not in o and "val_every_seconds" not in o for o in calibrations)
     scaled = {r["name"]: r for r in results[len(logged) :]}
     anil, mrml_run = scaled["tune anil #2"], scaled["tune mrml #1"]
     assert anil["machine_ratio"] == pytest.approx(2.0)
     assert anil["options"]["time_budget"] == pytest.approx(480.0)
     assert anil["options"]["val_every_seconds"] == pytest.approx(80.0)
+    assert fair.study_seconds(anil, "val_every_seconds") == pytest.approx(40.0)
     assert mrml_run["machine_ratio"] == pytest.approx(2.5)
     assert mrml_run["options"]["time_budget"] == pytest.approx(600.0)
     assert [json.loads(line)["name"] for line in log.read_text().splitlines()][-2:] == [
         "tune anil #2",
         "tune mrml #1",
-    ]  # logged with the budgets they ran with
-    stranger = {"name": "tune maml #0", "options": {"algo": "maml", **budgets}, "run_dir": "c"}
-    with pytest.raises(SystemExit, match="no logged run of maml"):
-        fair.run_all([stranger], args, log)
+    ]
+    # itd-bio's only logged run has no CPU s/it: nothing to calibrate against
+    with pytest.raises(SystemExit, match="no logged run of itd-bio"):
+        fair.run_all([_todo("tune itd-bio #1", "itd-bio", method="itd-bio")], args, log)
+    ran = _calibrated_machine(monkeypatch, {"anil": 3.3})  # 1.1×: the study's machine
+    same = fair.run_all([_todo("tune anil #3", "anil", method="anil")], args, log)[0]
+    assert "machine_ratio" not in same and same["options"]["time_budget"] == 240.0
+
+
+def test_a_new_stage_with_scaled_budgets_is_measured_against_the_stage_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A final stage starting on another machine calibrates each row against the tuning runs
+    (a row of its own method, else of its algorithm, as the paper's configuration is mrml's);
+    once it has runs of its own, against those; a speed stage's against the final runs it is
+    read against."""
+    tuning = tmp_path / "tuning.jsonl"
+    runs = [_logged_run("tune anil #0", 3.0), _logged_run("tune mrml #0", 2.0)]
+    runs[0]["method"], runs[1]["method"] = "anil", "mrml"
+    runs[1]["options"]["algo"] = "mrml"
+    tuning.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    final = tmp_path / "final.jsonl"
+    ran = _calibrated_machine(monkeypatch, {"anil": 6.0, "mrml": 5.0})
+    args = argparse.Namespace(runs=tmp_path / "runs", workers=1, scale_budgets=True)
+    jobs = [_todo("final anil seed 0", "anil", row="anil"),
+            _todo("final mrml-paper seed 0", "mrml", row="mrml-paper")]  # fmt: skip
+    done = fair.run_all(jobs, args, final, scale_against=tuning)
+    assert [r["machine_ratio"] for r in done] == pytest.approx([2.0, 2.5])
+    calibrated = [j["options"]["algo"] for j in ran if j["name"].startswith("calibration")]
+    assert calibrated == ["anil", "mrml"]
+    done[0]["median_cpu_seconds_per_iteration"] = 1.5  # in the study's seconds, as logged
+    final.write_text(json.dumps(done[0]) + "\n")
+    ran.clear()
+    again = fair.run_all(
+        [_todo("final anil seed 1", "anil", row="anil")], args, final, None, tuning
+    )
+    assert again[0]["machine_ratio"] == pytest.approx(4.0)  # against the final run, 6.0 / 1.5
+    speed = fair.run_all(
+        [_todo("speed anil seed 0", "anil", row="anil")], args, tmp_path / "speed.jsonl", final
+    )
+    assert speed[0]["machine_ratio"] == pytest.approx(4.0)
+    paper, mrml = _logged_run("final mrml-paper seed 0", 1.0), _logged_run("final mrml seed 0", 2.0)
+    paper["row"], mrml["row"] = "mrml-paper", "mrml"
+    paper["options"]["algo"] = mrml["options"]["algo"] = "mrml"
+    final.write_text(json.dumps(paper) + "\n" + json.dumps(mrml) + "\n")
+    row = fair.run_all(
+        [_todo("speed mrml seed 0", "mrml", row="mrml")], args, tmp_path / "s", final
+    )
+    assert row[0]["machine_ratio"] == pytest.approx(2.5)  # its own row's run, not mrml-paper's
+    unscaled = argparse.Namespace(**{**vars(args), "scale_budgets": False})
+    fresh = fair.run_all(jobs, unscaled, tmp_path / "other.jsonl", scale_against=tuning)
+    assert all("machine_ratio" not in r for r in fresh)  # a new stage is compared within itself
 
 
 def test_a_run_with_a_scaled_budget_logs_its_times_in_the_study_machines_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``run_job`` divides a scaled run's curve, trajectory and seconds per iteration by its
-    machine ratio, and keeps its own; an unscaled run's times are as measured."""
-    train = [{"kind": "train", "iteration": i, "seconds": 4.0, "train_cpu_seconds": 4.0 * (i + 1),
-              "loss": 1.0, "accuracy": 0.5} for i in range(5)]  # fmt: skip
-    records = [*train, {"kind": "val", "accuracy": 0.7, "train_cpu_seconds": 20.0}]
+    machine ratio, and keeps its own; a failed scaled run's trajectory too; an unscaled run's
+    times are as measured; its CPU seconds per iteration leave out the first two."""
+    cpu = [6.0, 12.0, 15.0, 19.0]  # train CPU seconds after each iteration: 6, 6, 3, 4 s each
+    train = [{"kind": "train", "iteration": i, "seconds": 4.0, "train_cpu_seconds": c,
+              "loss": 1.0, "accuracy": 0.5} for i, c in enumerate(cpu)]  # fmt: skip
+    records = [*train[:2], {"kind": "val", "accuracy": 0.6, "train_cpu_seconds": 12.0},
+               *train[2:], {"kind": "val", "accuracy": 0.7, "train_cpu_seconds": 19.0}]  # fmt: skip
+    fail = False
 
     def fake_subprocess(command: list[str], **_: object) -> subprocess.CompletedProcess:
         run_dir = Path(command[command.index("--out") + 1])
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (run_dir / "result.json").write_text("{}")
-        return subprocess.CompletedProcess(command, 0, "", "")
+        return subprocess.CompletedProcess(command, 1 if fail else 0, "", "boom" if fail else "")
 
     monkeypatch.setattr(fair.subprocess, "run", fake_subprocess)
     args = argparse.Namespace()
     job = {"name": "tune anil #0", "options": {"algo": "anil"}, "run_dir": str(tmp_path / "a")}
     plain = fair.run_job(job, args)
-    assert plain["curve"] == [(20.0, 0.7)] and plain["median_seconds_per_iteration"] == 4.0
+    assert plain["curve"] == [(12.0, 0.6), (19.0, 0.7)]
+    assert plain["median_seconds_per_iteration"] == 4.0
+    assert plain["median_cpu_seconds_per_iteration"] == 3.5  # of the third and fourth
+    assert fair.cpu_seconds_per_iteration(plain) == 3.5
     assert "curve_here" not in plain
     scaled = fair.run_job({**job, "run_dir": str(tmp_path / "b"), "machine_ratio": 2.0}, args)
-    assert scaled["curve"] == [(10.0, 0.7)] and scaled["curve_here"] == [(20.0, 0.7)]
+    assert scaled["curve"] == [(6.0, 0.6), (9.5, 0.7)]
+    assert scaled["curve_here"] == plain["curve"]
     assert scaled["median_seconds_per_iteration"] == 2.0
     assert scaled["median_seconds_per_iteration_here"] == 4.0
-    assert [row["train_cpu_seconds"] for row in scaled["trajectory"]] == [10.0]
+    assert scaled["median_cpu_seconds_per_iteration"] == 1.75
+    assert [row["train_cpu_seconds"] for row in scaled["trajectory"]] == [6.0, 9.5]
+    fail = True
+    failed = fair.run_job({**job, "run_dir": str(tmp_path / "c"), "machine_ratio": 2.0}, args)
+    assert [row["train_cpu_seconds"] for row in failed["trajectory"]] == [6.0, 9.5]
+
+
+def test_runs_logged_without_cpu_seconds_per_iteration_take_them_from_their_trajectory() -> None:
+    """Older logs: the median over consecutive blocks of Δ CPU seconds / Δ iterations."""
+    rows = [{"last_iteration": 9, "train_cpu_seconds": 40.0},  # the warm-up block
+            {"last_iteration": 19, "train_cpu_seconds": 70.0},  # 3.0 s/it
+            {"last_iteration": 29, "train_cpu_seconds": 102.0},  # 3.2
+            {"last_iteration": 34, "train_cpu_seconds": 118.0}]  # 3.2 (5 iterations)  # fmt: skip
+    assert fair.cpu_seconds_per_iteration({"trajectory": rows}) == pytest.approx(3.2)
+    assert fair.cpu_seconds_per_iteration({"trajectory": rows[:1]}) is None
+    assert fair.cpu_seconds_per_iteration({}) is None
+
+
+def test_a_stage_with_scaled_runs_reads_its_spacing_and_budget_in_the_study_machines_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation spacing that decides ties, and a running stage's budget, come from a
+    scaled first run divided back by its ratio; the report's tables say which runs were scaled
+    (after the command, before the table)."""
+    scaled = {"name": "final anil seed 0", "row": "anil", "seed": 0, "machine_ratio": 2.0,
+              "options": {"algo": "anil", "time_budget": 1200.0, "val_every_seconds": 40.0,
+                          "test_tasks": 600, "val_tasks": 200}}  # fmt: skip
+    assert fair.validation_spacing([scaled]) == pytest.approx(20.0)
+    monkeypatch.setattr(fair_report, "RESULTS", tmp_path)
+    (tmp_path / "fair_final_5way1shot.jsonl").write_text(json.dumps(scaled) + "\n")
+    args = argparse.Namespace(ways=5, shots=1, grid=fair.FIRST_GRID)
+    assert fair_report._stage("final", args)["budget_cpu_seconds"] == pytest.approx(600.0)
+    tuning = {"command": "tune", "budget_cpu_seconds": 240, "val_tasks": 200, "selected": {},
+              "runs": [{"method": "anil", "config": {}, "best_val": 0.5, "iterations": 9,
+                        "machine_ratio": 2.0, "options": {"algo": "anil"}}]}  # fmt: skip
+    lines = fair_report.tuning_markdown(tuning)
+    table = lines.index("| method | configuration | iterations | best val |")
+    assert lines[table - 2].startswith("Budgets scaled: 1 of 1 runs") and lines[table - 1] == ""
+    assert lines[table - 3] == "" and lines[table - 4].startswith("Command:")
 
 
 def test_fair_report_says_which_runs_ran_with_scaled_budgets() -> None:
-    def run(algo: str, ratio: float | None) -> dict:
-        return {"options": {"algo": algo}, **({"machine_ratio": ratio} if ratio else {})}
+    def run(row: str, ratio: float | None) -> dict:
+        return {
+            "row": row,
+            "options": {"algo": "mrml"},
+            **({"machine_ratio": ratio} if ratio else {}),
+        }
 
     assert fair_report.scaled_budgets_line([run("anil", None), run("mrml", None)]) is None
     line = fair_report.scaled_budgets_line(
-        [run("anil", None), run("anil", 2.04), run("anil", 2.1), run("mrml", 2.3)]
+        [run("anil", None), run("anil", 2.04), run("anil", 2.1), run("mrml-paper", 2.3)]
     )
     assert line is not None
     assert "3 of 4 runs ran on a machine of another speed" in line
-    assert "(anil 2.04–2.10, mrml 2.30)" in line
+    assert "(anil 2.04–2.10, mrml-paper 2.30)" in line
+    rows = {"anil": [{"row": "anil", "seed": 0, "median_seconds_per_iteration": 2.0}]}
+    assert fair_report.machine_lines(rows, [run("anil", None)])[2:] == []
+    assert fair_report.machine_lines(rows, [run("anil", 2.0)])[3].startswith("Budgets scaled")
