@@ -283,7 +283,8 @@ def _finite(records: list[dict[str, Any]], key: str) -> list[float]:
 # configurations in an earlier session (benchmarks/results/
 # fair_tuning_20way1shot_grid3x3_discarded.jsonl); :func:`check_machine_speed` catches that.
 MACHINE_SPEED_TOLERANCE = 0.15  # |measured / logged s/it − 1| allowed
-CALIBRATION_ITERATIONS = 10  # per calibration run; the first two are not timed (warm-up)
+CALIBRATION_SECONDS = 120.0  # CPU seconds of training per calibration run (first 2 it. untimed)
+SPEED_AGREEMENT = 0.10  # max / min − 1 allowed between one row's calibrations (--scale-budgets)
 CALIBRATION_VAL_TASKS = 16  # the end-of-run validation of a calibration run, kept short
 
 
@@ -335,43 +336,55 @@ def cpu_seconds_per_iteration(run: dict[str, Any]) -> float | None:
 
 
 def speed_ratio(reference: dict[str, Any], args: argparse.Namespace) -> float:
-    """CPU seconds per iteration here over those of the logged run ``reference``.
-
-    Reruns ``reference``'s options (with this machine's ``--data-root``) for
-    :data:`CALIBRATION_ITERATIONS` meta-iterations, ``--workers`` copies side by side (as the
-    study's runs go), and divides the median of their CPU seconds per iteration by the logged
-    one (:func:`cpu_seconds_per_iteration`). CPU seconds, because budgets are: time taken from
-    a virtual machine by its host lengthens wall seconds, not the work a CPU second buys.
+    """CPU seconds per iteration here over those of the logged run ``reference``: the median of
+    ``--workers`` copies of it side by side (:func:`measure_speeds`), as the study's runs go,
+    over its logged ones (:func:`cpu_seconds_per_iteration`).
 
     Raises:
         SystemExit: the calibration runs failed.
     """
-    budgeted = ("time_budget", "val_every_seconds")
-    options = {k: v for k, v in reference["options"].items() if k not in (*budgeted, "data_root")}
-    if getattr(args, "data_root", None):
-        options["data_root"] = args.data_root
-    options |= {
-        "iterations": CALIBRATION_ITERATIONS,
-        "val_tasks": CALIBRATION_VAL_TASKS,
-        "test_tasks": 0,
-    }
-    jobs = [
-        {"name": f"calibration {i}", "options": options, "run_dir": str(args.runs / f"calib-{i}")}
-        for i in range(args.workers)
-    ]
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+    logged = cpu_seconds_per_iteration(reference)
+    here = statistics.median(measure_speeds([reference] * args.workers, args))
+    ratio = here / logged
+    print(
+        f"machine speed: {reference['name']} takes {here:.2f} CPU s/it here, "
+        f"{logged:.2f} in the log (ratio {ratio:.2f})",
+        flush=True,
+    )
+    return ratio
+
+
+def measure_speeds(references: list[dict[str, Any]], args: argparse.Namespace) -> list[float]:
+    """The CPU seconds per iteration of each logged run's configuration in ``references``, all
+    run side by side here, each for :data:`CALIBRATION_SECONDS` CPU seconds (so that each has
+    its partners beside it to the end) with this machine's ``--data-root``.
+
+    CPU seconds, because budgets are: time taken from a virtual machine by its host lengthens
+    wall seconds, not the work a CPU second buys.
+
+    Raises:
+        SystemExit: a calibration run failed.
+    """
+    budgeted = ("time_budget", "val_every_seconds", "iterations", "data_root")
+    jobs = []
+    for i, reference in enumerate(references):
+        options = {k: v for k, v in reference["options"].items() if k not in budgeted}
+        if getattr(args, "data_root", None):
+            options["data_root"] = args.data_root
+        options |= {
+            "iterations": 10**7,
+            "time_budget": CALIBRATION_SECONDS,
+            "val_tasks": CALIBRATION_VAL_TASKS,
+            "test_tasks": 0,
+        }
+        jobs.append({"name": f"calibration {i}", "options": options,
+                     "run_dir": str(args.runs / f"calib-{i}")})  # fmt: skip
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(lambda job: run_job(job, args), jobs))
     measured = [r.get("median_cpu_seconds_per_iteration") for r in results if "result" in r]
     if len(measured) < len(jobs) or None in measured:
         raise SystemExit("the machine-speed calibration runs failed (see above); fix that first")
-    logged_seconds, here = cpu_seconds_per_iteration(reference), statistics.median(measured)
-    ratio = here / logged_seconds
-    print(
-        f"machine speed: {reference['name']} takes {here:.2f} CPU s/it here, "
-        f"{logged_seconds:.2f} in the log (ratio {ratio:.2f})",
-        flush=True,
-    )
-    return ratio
+    return measured
 
 
 def speed_key(run: dict[str, Any]) -> str:
@@ -385,24 +398,25 @@ def scale_to_logged_speed(
 ) -> list[dict[str, Any]]:
     """``todo``'s jobs with the work their budgets bought on the machine of the ``logged`` runs.
 
-    For each row or method of ``todo`` (:func:`speed_key`), :func:`speed_ratio` r against the
-    first logged run of the same one, else of the same algorithm. Where r is off by more than
-    :data:`MACHINE_SPEED_TOLERANCE`, each of its jobs gets ``time_budget`` and
-    ``val_every_seconds`` × r, and ``machine_ratio`` r, by which :func:`run_job` divides the
+    Each row or method of ``todo`` (:func:`speed_key`) is measured against the first logged run
+    of the same one, else of the same algorithm (:func:`calibrated_ratios`). Where its ratio r
+    is off by more than :data:`MACHINE_SPEED_TOLERANCE`, each of its jobs gets ``time_budget``
+    and ``val_every_seconds`` × r, and ``machine_ratio`` r, by which :func:`run_job` divides the
     run's times back (:func:`in_logged_seconds`); within it, the machine counts as the study's
     (as :func:`check_machine_speed` would let it go on) and the jobs are left as they are. Each
-    row its own ratio, not one machine-wide: the methods' ratios between two machines measured
-    1.4–2.1 (README).
+    row its own ratio, not one machine-wide: the methods' ratios between two machines differed
+    by up to 1.8 times (README).
 
     Raises:
-        SystemExit: a row of ``todo`` has no logged run of its own or of its algorithm.
+        SystemExit: a row of ``todo`` has no logged run of its own or of its algorithm, or
+            this machine's speed is not steady (:func:`calibrated_ratios`).
     """
-    ratios: dict[str, float] = {}
+    timed = [r for r in logged if cpu_seconds_per_iteration(r)]
+    references: dict[str, dict[str, Any]] = {}
     for job in todo:
         key = speed_key(job)
-        if key in ratios:
+        if key in references:
             continue
-        timed = [r for r in logged if cpu_seconds_per_iteration(r)]
         reference = next((r for r in timed if speed_key(r) == key), None) or next(
             (r for r in timed if r["options"].get("algo") == job["options"]["algo"]), None
         )
@@ -411,9 +425,54 @@ def scale_to_logged_speed(
                 f"--scale-budgets: no logged run of {key} to measure this machine's speed "
                 f"against; run it on the study's machine first, or drop --scale-budgets"
             )
-        ratio = speed_ratio(reference, args)
-        ratios[key] = 1.0 if abs(ratio - 1) <= MACHINE_SPEED_TOLERANCE else ratio
+        references[key] = reference
+    ratios = calibrated_ratios(references, args)
     return [_scaled(job, ratios[speed_key(job)]) for job in todo]
+
+
+def calibrated_ratios(
+    references: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> dict[str, float]:
+    """Each row's ratio of CPU seconds per iteration here to those of its logged reference run,
+    measured beside the other rows as the study's runs go.
+
+    With rows k_0 … k_{n−1} and w = ``--workers``, round i runs k_i, k_{i+1}, …, k_{i+w−1}
+    (indices mod n) side by side (:func:`measure_speeds`), so that every row is measured w
+    times, each time beside other partners (two copies of the same run can slow each other
+    more than two different ones: 6.4–6.8 CPU s/it for mrml beside itself, 4.9 beside ANIL,
+    measured on one machine). A row's ratio is the mean of its measurements over its logged
+    CPU seconds per iteration, 1 where that is within :data:`MACHINE_SPEED_TOLERANCE`.
+
+    Raises:
+        SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT`: on a
+            machine whose speed moves that much, no scaling gives runs the study's work.
+    """
+    keys = list(references)
+    measured: dict[str, list[float]] = {key: [] for key in keys}
+    for i in range(len(keys)):
+        rows = [keys[(i + j) % len(keys)] for j in range(args.workers)]
+        seconds = measure_speeds([references[key] for key in rows], args)
+        for key, value in zip(rows, seconds, strict=True):
+            measured[key].append(value)
+    ratios = {}
+    for key, values in measured.items():
+        logged = cpu_seconds_per_iteration(references[key])
+        ratio = statistics.mean(values) / logged
+        here = ", ".join(f"{value:.2f}" for value in values)
+        print(
+            f"machine speed: {key} takes {here} CPU s/it here, {logged:.2f} in the log "
+            f"(ratio {ratio:.2f})",
+            flush=True,
+        )
+        if max(values) / min(values) - 1 > SPEED_AGREEMENT:
+            raise SystemExit(
+                f"--scale-budgets: this machine's speed is not steady: {key} took {here} CPU "
+                f"seconds per iteration in calibrations beside different runs, more than "
+                f"{SPEED_AGREEMENT:.0%} apart, so no scaling would give its runs the study's "
+                f"work; run the stage on a steadier machine"
+            )
+        ratios[key] = 1.0 if abs(ratio - 1) <= MACHINE_SPEED_TOLERANCE else ratio
+    return ratios
 
 
 def _scaled(job: dict[str, Any], ratio: float) -> dict[str, Any]:

@@ -714,8 +714,8 @@ def test_a_stage_refuses_to_add_runs_made_at_another_machine_speed(
     for job in calibrations:
         options = job["options"]
         assert options["algo"] == "anil" and options["lr"] == 0.001  # the logged configuration
-        assert options["iterations"] == fair.CALIBRATION_ITERATIONS and options["test_tasks"] == 0
-        assert "time_budget" not in options and "val_every_seconds" not in options
+        assert options["time_budget"] == fair.CALIBRATION_SECONDS and options["test_tasks"] == 0
+        assert options["iterations"] == 10**7 and "val_every_seconds" not in options
     assert [job["name"] for job in ran[2:]] == ([] if refused else ["tune anil #1"])
 
 
@@ -811,10 +811,11 @@ def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study
             _todo("tune mrml #1", "mrml", method="mrml")]  # fmt: skip
     results = fair.run_all([{"name": r["name"]} for r in logged] + todo, args, log)
     calibrations = [job["options"] for job in ran if job["name"].startswith("calibration")]
-    assert [(o["algo"], o.get("l2")) for o in calibrations] == [("anil", None)] * 2 + [
-        ("mrml", 0.1)
-    ] * 2  # each method against its first logged run, --workers copies
-    assert all("time_budget" not in o and "val_every_seconds" not in o for o in calibrations)
+    # each method against its first logged run, beside the other, in rotated rounds
+    anil_0, mrml_0 = ("anil", None), ("mrml", 0.1)
+    assert [(o["algo"], o.get("l2")) for o in calibrations] == [anil_0, mrml_0, mrml_0, anil_0]
+    assert all(o["time_budget"] == fair.CALIBRATION_SECONDS for o in calibrations)
+    assert all("val_every_seconds" not in o for o in calibrations)
     scaled = {r["name"]: r for r in results[len(logged) :]}
     anil, mrml_run = scaled["tune anil #2"], scaled["tune mrml #1"]
     assert anil["machine_ratio"] == pytest.approx(2.0)
@@ -973,3 +974,38 @@ def test_fair_report_says_which_runs_ran_with_scaled_budgets() -> None:
     rows = {"anil": [{"row": "anil", "seed": 0, "median_seconds_per_iteration": 2.0}]}
     assert fair_report.machine_lines(rows, [run("anil", None)])[2:] == []
     assert fair_report.machine_lines(rows, [run("anil", 2.0)])[3].startswith("Budgets scaled")
+
+
+def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_unsteady_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three rows, two workers: rounds (a, b), (b, c), (c, a), so each row is measured twice,
+    beside two different partners, and its ratio is the mean of both; measurements of one row
+    more than :data:`SPEED_AGREEMENT` apart stop the stage."""
+    references = {}
+    for algo, seconds in (("anil", 2.0), ("mrml", 3.0), ("maml", 4.0)):
+        references[algo] = _logged_run(f"final {algo} seed 0", seconds)
+        references[algo]["options"]["algo"] = algo
+    rounds: list[list[str]] = []
+    slow_beside = {"anil": 1.0, "mrml": 1.0, "maml": 1.0}
+
+    def fake_measure(runs: list[dict], _: object) -> list[float]:
+        algos = [r["options"]["algo"] for r in runs]
+        rounds.append(algos)
+        # each run at twice its logged seconds, times how much its partner slows it
+        return [
+            2 * fair.cpu_seconds_per_iteration(r) * slow_beside[other]
+            for r, other in zip(runs, algos[1:] + algos[:1], strict=True)
+        ]
+
+    monkeypatch.setattr(fair, "measure_speeds", fake_measure)
+    args = argparse.Namespace(workers=2)
+    assert fair.calibrated_ratios(references, args) == pytest.approx(
+        {"anil": 2.0, "mrml": 2.0, "maml": 2.0}
+    )
+    assert rounds == [["anil", "mrml"], ["mrml", "maml"], ["maml", "anil"]]
+    slow_beside["maml"] = 1.08  # within SPEED_AGREEMENT: the mean of 2.0 and 2.16
+    assert fair.calibrated_ratios(references, args)["mrml"] == pytest.approx(2.08)
+    slow_beside["maml"] = 1.25
+    with pytest.raises(SystemExit, match="not steady: anil took 4.00, 5.00 CPU seconds"):
+        fair.calibrated_ratios(references, args)
