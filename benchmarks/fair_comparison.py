@@ -394,7 +394,10 @@ def speed_key(run: dict[str, Any]) -> str:
 
 
 def scale_to_logged_speed(
-    todo: list[dict[str, Any]], logged: list[dict[str, Any]], args: argparse.Namespace
+    todo: list[dict[str, Any]],
+    logged: list[dict[str, Any]],
+    args: argparse.Namespace,
+    record: Path | None = None,
 ) -> list[dict[str, Any]]:
     """``todo``'s jobs with the work their budgets bought on the machine of the ``logged`` runs.
 
@@ -426,12 +429,12 @@ def scale_to_logged_speed(
                 f"against; run it on the study's machine first, or drop --scale-budgets"
             )
         references[key] = reference
-    ratios = calibrated_ratios(references, args)
+    ratios = calibrated_ratios(references, args, record)
     return [_scaled(job, ratios[speed_key(job)]) for job in todo]
 
 
 def calibrated_ratios(
-    references: dict[str, dict[str, Any]], args: argparse.Namespace
+    references: dict[str, dict[str, Any]], args: argparse.Namespace, record: Path | None = None
 ) -> dict[str, float]:
     """Each row's ratio of CPU seconds per iteration here to those of its logged reference run,
     measured beside the other rows as the study's runs go.
@@ -441,11 +444,13 @@ def calibrated_ratios(
     times, each time beside other partners (two copies of the same run can slow each other
     more than two different ones: 6.4–6.8 CPU s/it for mrml beside itself, 4.9 beside ANIL,
     measured on one machine). A row's ratio is the mean of its measurements over its logged
-    CPU seconds per iteration, 1 where that is within :data:`MACHINE_SPEED_TOLERANCE`.
+    CPU seconds per iteration, 1 where that is within :data:`MACHINE_SPEED_TOLERANCE`. The
+    measurements, ratios and verdict are appended to ``record`` (JSON lines), refused or not.
 
     Raises:
-        SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT`: on a
-            machine whose speed moves that much, no scaling gives runs the study's work.
+        SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT` (every
+            such row named): on a machine whose speed moves that much, no scaling gives runs
+            the study's work.
     """
     keys = list(references)
     measured: dict[str, list[float]] = {key: [] for key in keys}
@@ -454,25 +459,33 @@ def calibrated_ratios(
         seconds = measure_speeds([references[key] for key in rows], args)
         for key, value in zip(rows, seconds, strict=True):
             measured[key].append(value)
-    ratios = {}
+    rows = {}
     for key, values in measured.items():
         logged = cpu_seconds_per_iteration(references[key])
-        ratio = statistics.mean(values) / logged
-        here = ", ".join(f"{value:.2f}" for value in values)
+        rows[key] = {"here": values, "logged": logged, "ratio": statistics.mean(values) / logged}
         print(
-            f"machine speed: {key} takes {here} CPU s/it here, {logged:.2f} in the log "
-            f"(ratio {ratio:.2f})",
+            f"machine speed: {key} takes {', '.join(f'{v:.2f}' for v in values)} CPU s/it "
+            f"here, {logged:.2f} in the log (ratio {rows[key]['ratio']:.2f})",
             flush=True,
         )
-        if max(values) / min(values) - 1 > SPEED_AGREEMENT:
-            raise SystemExit(
-                f"--scale-budgets: this machine's speed is not steady: {key} took {here} CPU "
-                f"seconds per iteration in calibrations beside different runs, more than "
-                f"{SPEED_AGREEMENT:.0%} apart, so no scaling would give its runs the study's "
-                f"work; run the stage on a steadier machine"
-            )
-        ratios[key] = 1.0 if abs(ratio - 1) <= MACHINE_SPEED_TOLERANCE else ratio
-    return ratios
+    unsteady = [
+        key for key, values in measured.items() if max(values) / min(values) > 1 + SPEED_AGREEMENT
+    ]
+    if record is not None:
+        entry = {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "unsteady": unsteady}
+        with record.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    if unsteady:
+        raise SystemExit(
+            f"--scale-budgets: this machine's speed is not steady: the calibrations of "
+            f"{', '.join(unsteady)} beside different runs are more than {SPEED_AGREEMENT:.0%} "
+            f"apart (above), so no scaling would give their runs the study's work; run the "
+            f"stage on a steadier machine"
+        )
+    return {
+        key: 1.0 if abs(row["ratio"] - 1) <= MACHINE_SPEED_TOLERANCE else row["ratio"]
+        for key, row in rows.items()
+    }
 
 
 def _scaled(job: dict[str, Any], ratio: float) -> dict[str, Any]:
@@ -524,14 +537,16 @@ def run_all(
     log ``compared_with``, which its results are read against), :func:`check_machine_speed`.
     With ``--scale-budgets``, :func:`scale_to_logged_speed` instead, against the runs logged,
     then those of ``compared_with``, then those of ``scale_against`` (the stage before, so that
-    a new stage starting on another machine still runs in the study machine's seconds); with
-    none of them, the jobs run as they are. Returns every logged result, in job order."""
+    a new stage starting on another machine still runs in the study machine's seconds; its
+    calibrations are kept in ``<log>_calibrations.jsonl``); with none of them, the jobs run as
+    they are. Returns every logged result, in job order."""
     done = {r["name"]: r for r in read_log(log)}
     todo = [job for job in jobs if job["name"] not in done]
     earlier = read_log(compared_with) if compared_with else []
     if todo and getattr(args, "scale_budgets", False):
         references = [*done.values(), *earlier, *(read_log(scale_against) if scale_against else [])]
-        todo = scale_to_logged_speed(todo, references, args) if references else todo
+        record = log.with_name(log.stem + "_calibrations.jsonl")
+        todo = scale_to_logged_speed(todo, references, args, record) if references else todo
     elif todo:
         check_machine_speed(list(done.values()) or earlier, args)
     lock = threading.Lock()

@@ -981,7 +981,8 @@ def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_
 ) -> None:
     """Three rows, two workers: rounds (a, b), (b, c), (c, a), so each row is measured twice,
     beside two different partners, and its ratio is the mean of both; measurements of one row
-    more than :data:`SPEED_AGREEMENT` apart stop the stage."""
+    more than :data:`SPEED_AGREEMENT` apart stop the stage, after every row's measurements are
+    recorded."""
     references = {}
     for algo, seconds in (("anil", 2.0), ("mrml", 3.0), ("maml", 4.0)):
         references[algo] = _logged_run(f"final {algo} seed 0", seconds)
@@ -1007,5 +1008,10 @@ def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_
     slow_beside["maml"] = 1.08  # within SPEED_AGREEMENT: the mean of 2.0 and 2.16
     assert fair.calibrated_ratios(references, args)["mrml"] == pytest.approx(2.08)
     slow_beside["maml"] = 1.25
-    with pytest.raises(SystemExit, match="not steady: anil took 4.00, 5.00 CPU seconds"):
-        fair.calibrated_ratios(references, args)
+    record = tmp_path / "calibrations.jsonl"
+    with pytest.raises(SystemExit, match="not steady: the calibrations of anil, mrml beside"):
+        fair.calibrated_ratios(references, args, record)
+    entry = json.loads(record.read_text())  # what was measured is kept, refused or not
+    assert entry["unsteady"] == ["anil", "mrml"]
+    assert entry["rows"]["mrml"]["here"] == [6.0, 7.5] and entry["rows"]["maml"]["logged"] == 4.0
+    assert entry["rows"]["maml"]["ratio"] == pytest.approx(2.0)
