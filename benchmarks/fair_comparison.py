@@ -291,38 +291,55 @@ CALIBRATION_VAL_TASKS = 16  # the end-of-run validation of a calibration run, ke
 def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Refuse to add runs to a study whose logged runs ran at another speed.
 
-    Calibrates (:func:`speed_ratio`) against the first logged run that has CPU seconds per
-    iteration. A slower machine shows there, and so does other work on this one, under which
-    a CPU second also buys less work (measured: 23–39% more seconds per iteration beside a CI
-    run, README), so both are refused. A refusal on a machine believed to be like the study's
-    can be retried; a study that must go on elsewhere can scale its budgets instead
-    (``--scale-budgets``, :func:`scale_to_logged_speed`).
+    Times the first logged runs of the first ``--workers`` rows side by side
+    (:func:`measure_speeds`; different rows, as the study's runs go, since two copies of one
+    run can slow each other more). A slower machine shows there, and so does other work on this
+    one, under which a CPU second also buys less work (measured: 23–39% more seconds per
+    iteration beside a CI run, README), so both are refused. A refusal on a machine believed to
+    be like the study's can be retried; a study that must go on elsewhere can scale its budgets
+    instead (``--scale-budgets``, :func:`scale_to_logged_speed`).
 
     Raises:
-        SystemExit: the ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
+        SystemExit: a row's ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
             calibration runs failed.
     """
-    reference = next((r for r in logged if cpu_seconds_per_iteration(r)), None)
-    if reference is None:
+    references = list(first_runs(logged).values())[: args.workers]
+    if not references:
         return
-    ratio = speed_ratio(reference, args)
-    if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
-        raise SystemExit(
-            f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
-            f"iteration of its logged run: CPU-second budgets would not compare with the runs "
-            f"already in this study; run it on a machine like the study's, add --scale-budgets "
-            f"to give each run the work its budget bought there, or start the stage again by "
-            f"moving its .jsonl log aside"
-        )
+    references += references[: args.workers - len(references)]  # fewer rows than workers
+    measured = measure_speeds(references, args)
+    for reference, here in zip(references, measured, strict=True):
+        ratio = here / logged_seconds_per_iteration(reference)
+        print(f"machine speed: {reference['name']}: ratio {ratio:.2f}", flush=True)
+        if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
+            raise SystemExit(
+                f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
+                f"iteration of its logged run: CPU-second budgets would not compare with the "
+                f"runs already in this study; run it on a machine like the study's, add "
+                f"--scale-budgets to give each run the work its budget bought there, or start "
+                f"the stage again by moving its .jsonl log aside"
+            )
 
 
-def cpu_seconds_per_iteration(run: dict[str, Any]) -> float | None:
+def first_runs(logged: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each row's first logged run that finished and has seconds per iteration, by
+    :func:`speed_key`, in log order: the runs a machine's speed is measured against."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in logged:
+        if "failed" not in run and logged_seconds_per_iteration(run):
+            out.setdefault(speed_key(run), run)
+    return out
+
+
+def logged_seconds_per_iteration(run: dict[str, Any]) -> float | None:
     """A logged run's CPU seconds per meta-iteration (the study machine's, for a scaled run).
 
     Its ``median_cpu_seconds_per_iteration`` where logged (:func:`summarise_records`); for a
     run logged before that was, the median over consecutive trajectory blocks of
-    Δ train CPU seconds / Δ iterations (the first block, with the warm-up, left out); ``None``
-    where neither is known."""
+    Δ train CPU seconds / Δ iterations (the first block, with the warm-up, left out); for a
+    run logged before those, its median wall seconds per iteration (one thread on an otherwise
+    idle core: within 1.3% of the CPU seconds, measured on two machines); ``None`` where none
+    is known."""
     if run.get("median_cpu_seconds_per_iteration"):
         return run["median_cpu_seconds_per_iteration"]
     rows = [r for r in run.get("trajectory", []) if r.get("train_cpu_seconds") is not None]
@@ -332,26 +349,7 @@ def cpu_seconds_per_iteration(run: dict[str, Any]) -> float | None:
         for a, b in zip(rows, rows[1:], strict=False)
         if b["last_iteration"] > a["last_iteration"]
     ]
-    return statistics.median(steps) if steps else None
-
-
-def speed_ratio(reference: dict[str, Any], args: argparse.Namespace) -> float:
-    """CPU seconds per iteration here over those of the logged run ``reference``: the median of
-    ``--workers`` copies of it side by side (:func:`measure_speeds`), as the study's runs go,
-    over its logged ones (:func:`cpu_seconds_per_iteration`).
-
-    Raises:
-        SystemExit: the calibration runs failed.
-    """
-    logged = cpu_seconds_per_iteration(reference)
-    here = statistics.median(measure_speeds([reference] * args.workers, args))
-    ratio = here / logged
-    print(
-        f"machine speed: {reference['name']} takes {here:.2f} CPU s/it here, "
-        f"{logged:.2f} in the log (ratio {ratio:.2f})",
-        flush=True,
-    )
-    return ratio
+    return statistics.median(steps) if steps else run.get("median_seconds_per_iteration")
 
 
 def measure_speeds(references: list[dict[str, Any]], args: argparse.Namespace) -> list[float]:
@@ -363,12 +361,12 @@ def measure_speeds(references: list[dict[str, Any]], args: argparse.Namespace) -
     wall seconds, not the work a CPU second buys.
 
     Raises:
-        SystemExit: a calibration run failed.
+        SystemExit: a calibration run failed, or made fewer than three iterations.
     """
-    budgeted = ("time_budget", "val_every_seconds", "iterations", "data_root")
+    replaced = ("time_budget", "val_every_seconds", "data_root")
     jobs = []
     for i, reference in enumerate(references):
-        options = {k: v for k, v in reference["options"].items() if k not in budgeted}
+        options = {k: v for k, v in reference["options"].items() if k not in replaced}
         if getattr(args, "data_root", None):
             options["data_root"] = args.data_root
         options |= {
@@ -381,9 +379,14 @@ def measure_speeds(references: list[dict[str, Any]], args: argparse.Namespace) -
                      "run_dir": str(args.runs / f"calib-{i}")})  # fmt: skip
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(lambda job: run_job(job, args), jobs))
-    measured = [r.get("median_cpu_seconds_per_iteration") for r in results if "result" in r]
-    if len(measured) < len(jobs) or None in measured:
+    if any("result" not in r for r in results):
         raise SystemExit("the machine-speed calibration runs failed (see above); fix that first")
+    measured = [r.get("median_cpu_seconds_per_iteration") for r in results]
+    if None in measured:
+        raise SystemExit(
+            f"a machine-speed calibration run made fewer than three iterations in "
+            f"{CALIBRATION_SECONDS:g} CPU seconds, too few to time; raise CALIBRATION_SECONDS"
+        )
     return measured
 
 
@@ -402,31 +405,32 @@ def scale_to_logged_speed(
     """``todo``'s jobs with the work their budgets bought on the machine of the ``logged`` runs.
 
     Each row or method of ``todo`` (:func:`speed_key`) is measured against the first logged run
-    of the same one, else of the same algorithm (:func:`calibrated_ratios`). Where its ratio r
-    is off by more than :data:`MACHINE_SPEED_TOLERANCE`, each of its jobs gets ``time_budget``
-    and ``val_every_seconds`` × r, and ``machine_ratio`` r, by which :func:`run_job` divides the
-    run's times back (:func:`in_logged_seconds`); within it, the machine counts as the study's
-    (as :func:`check_machine_speed` would let it go on) and the jobs are left as they are. Each
-    row its own ratio, not one machine-wide: the methods' ratios between two machines differed
-    by up to 1.8 times (README).
+    of the same one, else of the same algorithm (:func:`calibrated_ratios`, which appends what
+    it measured to ``record``). Each of its jobs gets ``time_budget`` and ``val_every_seconds``
+    × its ratio r, and ``machine_ratio`` r, by which :func:`run_job` divides the run's times
+    back (:func:`in_logged_seconds`). Every row is scaled, however close r is to 1, so that no
+    row keeps an error that another has corrected. Each row its own ratio, not one
+    machine-wide: the methods' ratios between two machines ranged 1.58–2.14 (README).
 
     Raises:
         SystemExit: a row of ``todo`` has no logged run of its own or of its algorithm, or
             this machine's speed is not steady (:func:`calibrated_ratios`).
     """
-    timed = [r for r in logged if cpu_seconds_per_iteration(r)]
+    firsts = first_runs(logged)
     references: dict[str, dict[str, Any]] = {}
     for job in todo:
         key = speed_key(job)
         if key in references:
             continue
-        reference = next((r for r in timed if speed_key(r) == key), None) or next(
-            (r for r in timed if r["options"].get("algo") == job["options"]["algo"]), None
+        algo = job["options"]["algo"]
+        reference = firsts.get(key) or next(
+            (r for r in firsts.values() if r["options"].get("algo") == algo), None
         )
         if reference is None:
             raise SystemExit(
-                f"--scale-budgets: no logged run of {key} to measure this machine's speed "
-                f"against; run it on the study's machine first, or drop --scale-budgets"
+                f"--scale-budgets: no finished logged run of {key} (or of {algo}) with seconds "
+                f"per iteration to measure this machine's speed against; run one on the "
+                f"study's machine first, or drop --scale-budgets"
             )
         references[key] = reference
     ratios = calibrated_ratios(references, args, record)
@@ -441,11 +445,12 @@ def calibrated_ratios(
 
     With rows k_0 … k_{n−1} and w = ``--workers``, round i runs k_i, k_{i+1}, …, k_{i+w−1}
     (indices mod n) side by side (:func:`measure_speeds`), so that every row is measured w
-    times, each time beside other partners (two copies of the same run can slow each other
-    more than two different ones: 6.4–6.8 CPU s/it for mrml beside itself, 4.9 beside ANIL,
-    measured on one machine). A row's ratio is the mean of its measurements over its logged
-    CPU seconds per iteration, 1 where that is within :data:`MACHINE_SPEED_TOLERANCE`. The
-    measurements, ratios and verdict are appended to ``record`` (JSON lines), refused or not.
+    times, each time beside other partners where there are w or more rows (with fewer, a row
+    runs beside itself too). Two copies of the same run can slow each other more than two
+    different ones: 6.4–6.8 CPU s/it for mrml beside itself, 4.9 beside ANIL, measured on one
+    machine. A row's ratio is the mean of its measurements over its logged seconds per
+    iteration (:func:`logged_seconds_per_iteration`). The measurements, ratios and verdict are
+    appended to ``record`` (JSON lines), refused or not.
 
     Raises:
         SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT` (every
@@ -455,13 +460,13 @@ def calibrated_ratios(
     keys = list(references)
     measured: dict[str, list[float]] = {key: [] for key in keys}
     for i in range(len(keys)):
-        rows = [keys[(i + j) % len(keys)] for j in range(args.workers)]
-        seconds = measure_speeds([references[key] for key in rows], args)
-        for key, value in zip(rows, seconds, strict=True):
+        side_by_side = [keys[(i + j) % len(keys)] for j in range(args.workers)]
+        seconds = measure_speeds([references[key] for key in side_by_side], args)
+        for key, value in zip(side_by_side, seconds, strict=True):
             measured[key].append(value)
     rows = {}
     for key, values in measured.items():
-        logged = cpu_seconds_per_iteration(references[key])
+        logged = logged_seconds_per_iteration(references[key])
         rows[key] = {"here": values, "logged": logged, "ratio": statistics.mean(values) / logged}
         print(
             f"machine speed: {key} takes {', '.join(f'{v:.2f}' for v in values)} CPU s/it "
@@ -482,16 +487,11 @@ def calibrated_ratios(
             f"apart (above), so no scaling would give their runs the study's work; run the "
             f"stage on a steadier machine"
         )
-    return {
-        key: 1.0 if abs(row["ratio"] - 1) <= MACHINE_SPEED_TOLERANCE else row["ratio"]
-        for key, row in rows.items()
-    }
+    return {key: row["ratio"] for key, row in rows.items()}
 
 
 def _scaled(job: dict[str, Any], ratio: float) -> dict[str, Any]:
-    """``job`` with its budget options × ``ratio`` and ``machine_ratio`` set (itself at 1)."""
-    if ratio == 1.0:
-        return job
+    """``job`` with its budget options × ``ratio`` and ``machine_ratio`` set."""
     options = {**job["options"]}
     for key in ("time_budget", "val_every_seconds"):
         if key in options:
@@ -502,7 +502,8 @@ def _scaled(job: dict[str, Any], ratio: float) -> dict[str, Any]:
 def in_logged_seconds(summary: dict[str, Any], ratio: float) -> dict[str, Any]:
     """A run's summary (:func:`summarise_records`) with its times divided by ``ratio``: in the
     study machine's seconds. Its own curve and seconds per iteration are kept beside them
-    (``curve_here``, ``median_seconds_per_iteration_here``)."""
+    (``curve_here``, ``median_seconds_per_iteration_here``,
+    ``median_cpu_seconds_per_iteration_here``)."""
     wall, cpu = summary["median_seconds_per_iteration"], summary["median_cpu_seconds_per_iteration"]
     return {
         **summary,
@@ -511,6 +512,7 @@ def in_logged_seconds(summary: dict[str, Any], ratio: float) -> dict[str, Any]:
         "median_seconds_per_iteration": wall / ratio if wall is not None else None,
         "median_seconds_per_iteration_here": wall,
         "median_cpu_seconds_per_iteration": cpu / ratio if cpu is not None else None,
+        "median_cpu_seconds_per_iteration_here": cpu,
         "trajectory": trajectory_in_seconds(summary["trajectory"], ratio),
     }
 
@@ -1056,6 +1058,13 @@ def cost(args: argparse.Namespace) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=("tune", "final", "long", "speed", "cost", "report"))
@@ -1090,7 +1099,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--val-tasks", type=int, default=200)
     parser.add_argument("--test-tasks", type=int, default=600)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=_positive_int, default=2)
     parser.add_argument(
         "--scale-budgets",
         action="store_true",

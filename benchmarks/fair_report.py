@@ -164,8 +164,7 @@ def speed_markdown(speed: dict[str, Any], dense: DenseSpeed) -> list[str]:
         "| row | seed | CPU s to threshold |",
         "|---|---|---|",
     ]
-    if scaled := scaled_budgets_line(speed["runs"]):
-        out[4:4] = [scaled, ""]
+    _note_scaled_budgets(out, speed["runs"])
     for row, times in dense.times.items():
         out += [f"| {row} | {seed} | {_secs(t)} |" for seed, t in sorted(times.items())]
     return out
@@ -268,8 +267,7 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
         "| method | configuration | iterations | best val |",
         "|---|---|---|---|",
     ]
-    if scaled := scaled_budgets_line(tuning["runs"]):
-        out[4:4] = [scaled, ""]
+    _note_scaled_budgets(out, tuning["runs"])
     if tuning.get("partial"):
         out[2:2] = [
             f"**Partial**: {len(tuning['runs'])} configurations run so far; nothing is "
@@ -331,8 +329,7 @@ def long_markdown(long: dict[str, Any]) -> list[str]:
         "| row | seed | iterations | best val | test, native | test, frozen backbone |",
         "|---|---|---|---|---|---|",
     ]
-    if scaled := scaled_budgets_line(long["runs"]):
-        out[4:4] = [scaled, ""]
+    _note_scaled_budgets(out, long["runs"])
     for row, runs in by_row.items():
         for run in sorted(runs, key=lambda r: r.get("seed", 0)):
             seed = run.get("seed", 0)
@@ -439,6 +436,13 @@ def machine_lines(rows: dict[str, list[dict[str, Any]]], runs: list[dict[str, An
     return ["", machine_share_line(rows), *(["", scaled] if scaled else [])]
 
 
+def _note_scaled_budgets(table: list[str], runs: list[dict[str, Any]]) -> None:
+    """Put :func:`scaled_budgets_line`, if any, into a stage's ``table`` as its own paragraph
+    after the command's (the table's lines 0–3: heading, blank, command, blank)."""
+    if scaled := scaled_budgets_line(runs):
+        table[4:4] = [scaled, ""]
+
+
 def scaled_budgets_line(runs: list[dict[str, Any]]) -> str | None:
     """Which runs ran on another machine with budgets scaled to the study's
     (``fair_comparison.py --scale-budgets``), and by how much; ``None`` if none did."""
@@ -450,14 +454,15 @@ def scaled_budgets_line(runs: list[dict[str, Any]]) -> str | None:
         return None
     count = sum(len(values) for values in ratios.values())
     each = ", ".join(
-        f"{algo} {min(values):.2f}" + (f"–{max(values):.2f}" if max(values) > min(values) else "")
-        for algo, values in ratios.items()
+        f"{key} {min(values):.2f}" + (f"–{max(values):.2f}" if max(values) > min(values) else "")
+        for key, values in ratios.items()
     )
     return (
         f"Budgets scaled: {count} of {len(runs)} runs ran on a machine of another speed, each "
         f"with its CPU-second budget and validation spacing multiplied by its row's measured "
-        f"ratio of CPU seconds per iteration there to the study's ({each}); their times are "
-        f"given in the study's seconds, and their wall seconds as measured."
+        f"ratio of CPU seconds per iteration there to the study's ({each}); their curves and "
+        f"seconds per iteration are given in the study's seconds, their wall_seconds as "
+        f"measured."
     )
 
 

@@ -800,14 +800,18 @@ def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study
     log = tmp_path / "stage.jsonl"
     mrml = _logged_run("tune mrml #0", 2.0)
     mrml["options"] |= {"algo": "mrml", "l2": 0.1}
-    untimed = {**_logged_run("tune itd-bio #0", 1.0), "median_cpu_seconds_per_iteration": None}
+    untimed = {**_logged_run("tune itd-bio #0", 1.0), "median_cpu_seconds_per_iteration": None,
+               "median_seconds_per_iteration": None}  # fmt: skip
     untimed["options"]["algo"] = "itd-bio"
-    logged = [untimed, _logged_run("tune anil #0", 3.0), _logged_run("tune anil #1", 9.0), mrml]
-    logged[1]["method"], logged[2]["method"], mrml["method"] = "anil", "anil", "mrml"
+    failed = {**_logged_run("tune anil #0", 1.0), "failed": "diverged"}  # never a reference
+    logged = [untimed, failed, _logged_run("tune anil #1", 3.0), _logged_run("tune anil #2", 9.0),
+              mrml]  # fmt: skip
+    logged[1]["method"] = logged[2]["method"] = logged[3]["method"] = "anil"
+    mrml["method"] = "mrml"
     log.write_text("".join(json.dumps(r) + "\n" for r in logged))
     ran = _calibrated_machine(monkeypatch, {"anil": 6.0, "mrml": 5.0, "itd-bio": 1.0})
     args = argparse.Namespace(runs=tmp_path / "runs", workers=2, scale_budgets=True)
-    todo = [_todo("tune anil #2", "anil", method="anil"),
+    todo = [_todo("tune anil #3", "anil", method="anil"),
             _todo("tune mrml #1", "mrml", method="mrml")]  # fmt: skip
     results = fair.run_all([{"name": r["name"]} for r in logged] + todo, args, log)
     calibrations = [job["options"] for job in ran if job["name"].startswith("calibration")]
@@ -817,7 +821,7 @@ def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study
     assert all(o["time_budget"] == fair.CALIBRATION_SECONDS for o in calibrations)
     assert all("val_every_seconds" not in o for o in calibrations)
     scaled = {r["name"]: r for r in results[len(logged) :]}
-    anil, mrml_run = scaled["tune anil #2"], scaled["tune mrml #1"]
+    anil, mrml_run = scaled["tune anil #3"], scaled["tune mrml #1"]
     assert anil["machine_ratio"] == pytest.approx(2.0)
     assert anil["options"]["time_budget"] == pytest.approx(480.0)
     assert anil["options"]["val_every_seconds"] == pytest.approx(80.0)
@@ -825,15 +829,18 @@ def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study
     assert mrml_run["machine_ratio"] == pytest.approx(2.5)
     assert mrml_run["options"]["time_budget"] == pytest.approx(600.0)
     assert [json.loads(line)["name"] for line in log.read_text().splitlines()][-2:] == [
-        "tune anil #2",
+        "tune anil #3",
         "tune mrml #1",
     ]
-    # itd-bio's only logged run has no CPU s/it: nothing to calibrate against
-    with pytest.raises(SystemExit, match="no logged run of itd-bio"):
+    calibrations_log = json.loads((tmp_path / "stage_calibrations.jsonl").read_text())
+    assert calibrations_log["rows"]["anil"]["here"] == [6.0, 6.0]
+    # itd-bio's only logged run has no seconds per iteration: nothing to calibrate against
+    with pytest.raises(SystemExit, match="no finished logged run of itd-bio"):
         fair.run_all([_todo("tune itd-bio #1", "itd-bio", method="itd-bio")], args, log)
-    ran = _calibrated_machine(monkeypatch, {"anil": 3.3})  # 1.1×: the study's machine
-    same = fair.run_all([_todo("tune anil #3", "anil", method="anil")], args, log)[0]
-    assert "machine_ratio" not in same and same["options"]["time_budget"] == 240.0
+    _calibrated_machine(monkeypatch, {"anil": 3.3})  # 1.1×: scaled too, as every row is
+    near = fair.run_all([_todo("tune anil #4", "anil", method="anil")], args, log)[0]
+    assert near["machine_ratio"] == pytest.approx(1.1)
+    assert near["options"]["time_budget"] == pytest.approx(264.0)
 
 
 def test_a_new_stage_with_scaled_budgets_is_measured_against_the_stage_before(
@@ -908,7 +915,7 @@ def test_a_run_with_a_scaled_budget_logs_its_times_in_the_study_machines_seconds
     assert plain["curve"] == [(12.0, 0.6), (19.0, 0.7)]
     assert plain["median_seconds_per_iteration"] == 4.0
     assert plain["median_cpu_seconds_per_iteration"] == 3.5  # of the third and fourth
-    assert fair.cpu_seconds_per_iteration(plain) == 3.5
+    assert fair.logged_seconds_per_iteration(plain) == 3.5
     assert "curve_here" not in plain
     scaled = fair.run_job({**job, "run_dir": str(tmp_path / "b"), "machine_ratio": 2.0}, args)
     assert scaled["curve"] == [(6.0, 0.6), (9.5, 0.7)]
@@ -923,14 +930,18 @@ def test_a_run_with_a_scaled_budget_logs_its_times_in_the_study_machines_seconds
 
 
 def test_runs_logged_without_cpu_seconds_per_iteration_take_them_from_their_trajectory() -> None:
-    """Older logs: the median over consecutive blocks of Δ CPU seconds / Δ iterations."""
+    """Older logs: the median over consecutive blocks of Δ CPU seconds / Δ iterations; older
+    still, the wall seconds."""
     rows = [{"last_iteration": 9, "train_cpu_seconds": 40.0},  # the warm-up block
             {"last_iteration": 19, "train_cpu_seconds": 70.0},  # 3.0 s/it
             {"last_iteration": 29, "train_cpu_seconds": 102.0},  # 3.2
             {"last_iteration": 34, "train_cpu_seconds": 118.0}]  # 3.2 (5 iterations)  # fmt: skip
-    assert fair.cpu_seconds_per_iteration({"trajectory": rows}) == pytest.approx(3.2)
-    assert fair.cpu_seconds_per_iteration({"trajectory": rows[:1]}) is None
-    assert fair.cpu_seconds_per_iteration({}) is None
+    assert fair.logged_seconds_per_iteration({"trajectory": rows}) == pytest.approx(3.2)
+    assert fair.logged_seconds_per_iteration({"trajectory": rows[:1]}) is None
+    assert fair.logged_seconds_per_iteration({}) is None
+    # logged before the trajectory kept CPU seconds: the median wall seconds per iteration
+    wall = {"median_seconds_per_iteration": 2.9, "trajectory": [{"last_iteration": 9}]}
+    assert fair.logged_seconds_per_iteration(wall) == 2.9
 
 
 def test_a_stage_with_scaled_runs_reads_its_spacing_and_budget_in_the_study_machines_seconds(
@@ -995,7 +1006,7 @@ def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_
         rounds.append(algos)
         # each run at twice its logged seconds, times how much its partner slows it
         return [
-            2 * fair.cpu_seconds_per_iteration(r) * slow_beside[other]
+            2 * fair.logged_seconds_per_iteration(r) * slow_beside[other]
             for r, other in zip(runs, algos[1:] + algos[:1], strict=True)
         ]
 
@@ -1015,3 +1026,25 @@ def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_
     assert entry["unsteady"] == ["anil", "mrml"]
     assert entry["rows"]["mrml"]["here"] == [6.0, 7.5] and entry["rows"]["maml"]["logged"] == 4.0
     assert entry["rows"]["maml"]["ratio"] == pytest.approx(2.0)
+
+
+def test_the_machine_speed_check_times_two_different_rows_side_by_side_old_logs_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain check runs the first logged runs of the first two rows beside each other (not
+    two copies of one), against wall seconds where an old log has nothing else, and refuses if
+    either is off."""
+    log = tmp_path / "stage.jsonl"
+    anil, mrml = _logged_run("tune anil #0", 3.0), _logged_run("tune mrml #0", 2.0)
+    anil["method"], mrml["method"], mrml["options"]["algo"] = "anil", "mrml", "mrml"
+    del mrml["median_cpu_seconds_per_iteration"]  # an old log: wall seconds only
+    log.write_text(json.dumps(anil) + "\n" + json.dumps(mrml) + "\n")
+    args = argparse.Namespace(runs=tmp_path / "runs", workers=2)
+    job = _todo("tune anil #1", "anil", method="anil")
+    ran = _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 2.1})
+    fair.run_all([job], args, log)
+    assert [j["options"]["algo"] for j in ran[:2]] == ["anil", "mrml"]
+    assert ran[2]["name"] == "tune anil #1"
+    _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 3.0})  # mrml 1.5 times
+    with pytest.raises(SystemExit, match="runs 'tune mrml #0' at 1.50 times"):
+        fair.run_all([_todo("tune anil #2", "anil", method="anil")], args, log)
