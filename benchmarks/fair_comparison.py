@@ -446,11 +446,12 @@ def calibrated_ratios(
     With rows k_0 … k_{n−1} and w = ``--workers``, round i runs k_i, k_{i+1}, …, k_{i+w−1}
     (indices mod n) side by side (:func:`measure_speeds`), so that every row is measured w
     times, each time beside other partners where there are w or more rows (with fewer, a row
-    runs beside itself too). Two copies of the same run can slow each other more than two
-    different ones: 6.4–6.8 CPU s/it for mrml beside itself, 4.9 beside ANIL, measured on one
-    machine. A row's ratio is the mean of its measurements over its logged seconds per
-    iteration (:func:`logged_seconds_per_iteration`). The measurements, ratios and verdict are
-    appended to ``record`` (JSON lines), refused or not.
+    runs beside itself too). With one worker, the n rounds run twice, so that each row is
+    still measured twice (alone, n rounds apart). Two copies of the same run can slow each
+    other more than two different ones: 6.4–6.8 CPU s/it for mrml beside itself, 4.9 beside
+    ANIL, measured on one machine. A row's ratio is the mean of its measurements over its
+    logged seconds per iteration (:func:`logged_seconds_per_iteration`). The measurements,
+    ratios and verdict are appended to ``record`` (JSON lines), refused or not.
 
     Raises:
         SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT` (every
@@ -459,7 +460,7 @@ def calibrated_ratios(
     """
     keys = list(references)
     measured: dict[str, list[float]] = {key: [] for key in keys}
-    for i in range(len(keys)):
+    for i in range(len(keys) * (2 if args.workers == 1 else 1)):
         side_by_side = [keys[(i + j) % len(keys)] for j in range(args.workers)]
         seconds = measure_speeds([references[key] for key in side_by_side], args)
         for key, value in zip(side_by_side, seconds, strict=True):

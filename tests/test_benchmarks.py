@@ -863,7 +863,7 @@ def test_a_new_stage_with_scaled_budgets_is_measured_against_the_stage_before(
     done = fair.run_all(jobs, args, final, scale_against=tuning)
     assert [r["machine_ratio"] for r in done] == pytest.approx([2.0, 2.5])
     calibrated = [j["options"]["algo"] for j in ran if j["name"].startswith("calibration")]
-    assert calibrated == ["anil", "mrml"]
+    assert calibrated == ["anil", "mrml"] * 2  # one worker: each row alone, twice
     done[0]["median_cpu_seconds_per_iteration"] = 1.5  # in the study's seconds, as logged
     final.write_text(json.dumps(done[0]) + "\n")
     ran.clear()
@@ -1016,6 +1016,10 @@ def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_
         {"anil": 2.0, "mrml": 2.0, "maml": 2.0}
     )
     assert rounds == [["anil", "mrml"], ["mrml", "maml"], ["maml", "anil"]]
+    rounds.clear()  # one worker: each row alone, twice
+    alone = fair.calibrated_ratios(references, argparse.Namespace(workers=1))
+    assert alone == pytest.approx({"anil": 2.0, "mrml": 2.0, "maml": 2.0})
+    assert rounds == [["anil"], ["mrml"], ["maml"]] * 2
     slow_beside["maml"] = 1.08  # within SPEED_AGREEMENT: the mean of 2.0 and 2.16
     assert fair.calibrated_ratios(references, args)["mrml"] == pytest.approx(2.08)
     slow_beside["maml"] = 1.25
