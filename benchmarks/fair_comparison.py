@@ -292,10 +292,10 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
     """Refuse to add runs to a study whose logged runs ran at another speed.
 
     Times the first logged runs of the first ``--workers`` rows side by side
-    (:func:`measure_speeds`; different rows, as the study's runs go, since two copies of one
-    run can slow each other more). A slower machine shows there, and so does other work on this
-    one, under which a CPU second also buys less work (measured: 23–39% more seconds per
-    iteration beside a CI run, README), so both are refused. A refusal on a machine believed to
+    (:func:`measure_speeds`; different rows, as the study's runs go). A slower machine shows
+    there, and so does other work on this one, under which a CPU second also buys less work
+    (measured: 23–39% more seconds per iteration beside a CI run, README), so both are
+    refused. A refusal on a machine believed to
     be like the study's can be retried; a study that must go on elsewhere can scale its budgets
     instead (``--scale-budgets``, :func:`scale_to_logged_speed`).
 
@@ -309,8 +309,13 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
     references += references[: args.workers - len(references)]  # fewer rows than workers
     measured = measure_speeds(references, args)
     for reference, here in zip(references, measured, strict=True):
-        ratio = here / logged_seconds_per_iteration(reference)
-        print(f"machine speed: {reference['name']}: ratio {ratio:.2f}", flush=True)
+        logged_seconds = logged_seconds_per_iteration(reference)
+        ratio = here / logged_seconds
+        print(
+            f"machine speed: {reference['name']} takes {here:.2f} CPU s/it here, "
+            f"{logged_seconds:.2f} in the log (ratio {ratio:.2f})",
+            flush=True,
+        )
         if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
             raise SystemExit(
                 f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
