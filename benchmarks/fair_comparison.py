@@ -295,9 +295,9 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
     (:func:`measure_speeds`; different rows, as the study's runs go). A slower machine shows
     there, and so does other work on this one, under which a CPU second also buys less work
     (measured: 23–39% more seconds per iteration beside a CI run, README), so both are
-    refused. A refusal on a machine believed to
-    be like the study's can be retried; a study that must go on elsewhere can scale its budgets
-    instead (``--scale-budgets``, :func:`scale_to_logged_speed`).
+    refused. A refusal on a machine believed to be like the study's can be retried; a study
+    that must go on elsewhere can scale its budgets instead (``--scale-budgets``,
+    :func:`scale_to_logged_speed`).
 
     Raises:
         SystemExit: a row's ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
@@ -455,9 +455,9 @@ def calibrated_ratios(
     still measured twice (alone, n rounds apart). Different partners, as in the study, rather
     than copies of one run: on one machine mrml took 6.4–6.8 CPU s/it beside itself and 4.9
     beside ANIL (though that machine also drifted by up to 28% between two measurements of one
-    run alone). A row's ratio is the mean of its measurements over its
-    logged seconds per iteration (:func:`logged_seconds_per_iteration`). The measurements,
-    ratios and verdict are appended to ``record`` (JSON lines), refused or not.
+    run alone). A row's ratio is the mean of its measurements over its logged seconds per
+    iteration (:func:`logged_seconds_per_iteration`). The measurements, ratios and verdict are
+    appended to ``record`` (JSON lines), refused or not.
 
     Raises:
         SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT` (every
@@ -1111,7 +1111,7 @@ def main() -> None:
         "--scale-budgets",
         action="store_true",
         help="tune, final, long, speed: on a machine of another speed than the stage's logged "
-        "runs, give each new run the work its budget bought there (CPU seconds × its method's "
+        "runs, give each new run the work its budget bought there (CPU seconds × its row's "
         "measured speed ratio) instead of refusing; its times are logged in the study's seconds",
     )
     parser.add_argument("--cost-rounds", type=int, default=7)
