@@ -452,12 +452,10 @@ def calibrated_ratios(
     (indices mod n) side by side (:func:`measure_speeds`), so that every row is measured w
     times, each time beside other partners where there are w or more rows (with fewer, a row
     runs beside itself too). With one worker, the n rounds run twice, so that each row is
-    still measured twice (alone, n rounds apart). Different partners, as in the study, rather
-    than copies of one run: on one machine mrml took 6.4–6.8 CPU s/it beside itself and 4.9
-    beside ANIL (though that machine also drifted by up to 28% between two measurements of one
-    run alone). A row's ratio is the mean of its measurements over its logged seconds per
-    iteration (:func:`logged_seconds_per_iteration`). The measurements, ratios and verdict are
-    appended to ``record`` (JSON lines), refused or not.
+    still measured twice (alone, n rounds apart). Different partners, as the study's runs have
+    them, rather than copies of one run. A row's ratio is the mean of its measurements over its
+    logged seconds per iteration (:func:`logged_seconds_per_iteration`). The measurements,
+    ratios and verdict are appended to ``record`` (JSON lines), refused or not.
 
     Raises:
         SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT` (every
