@@ -288,7 +288,9 @@ SPEED_AGREEMENT = 0.10  # max / min − 1 allowed between one row's calibrations
 CALIBRATION_VAL_TASKS = 16  # the end-of-run validation of a calibration run, kept short
 
 
-def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def check_machine_speed(
+    logged: list[dict[str, Any]], args: argparse.Namespace, record: Path | None = None
+) -> None:
     """Refuse to add runs to a study whose logged runs ran at another speed.
 
     Times the first logged runs of the first ``--workers`` rows side by side
@@ -297,7 +299,8 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
     (measured: 23–39% more seconds per iteration beside a CI run, README), so both are
     refused. A refusal on a machine believed to be like the study's can be retried; a study
     that must go on elsewhere can scale its budgets instead (``--scale-budgets``,
-    :func:`scale_to_logged_speed`).
+    :func:`scale_to_logged_speed`). What was measured is appended to ``record``
+    (:func:`record_calibration`), refused or not.
 
     Raises:
         SystemExit: a row's ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
@@ -308,7 +311,9 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
         return
     references += references[: args.workers - len(references)]  # fewer rows than workers
     measured = measure_speeds(references, args)
-    for reference, here in zip(references, measured, strict=True):
+    rows: dict[str, dict[str, Any]] = {}
+    off: list[tuple[str, float]] = []  # (row, ratio) of each measurement off by too much
+    for i, (reference, here) in enumerate(zip(references, measured, strict=True)):
         logged_seconds = logged_seconds_per_iteration(reference)
         ratio = here / logged_seconds
         print(
@@ -316,14 +321,38 @@ def check_machine_speed(logged: list[dict[str, Any]], args: argparse.Namespace) 
             f"{logged_seconds:.2f} in the log (ratio {ratio:.2f})",
             flush=True,
         )
+        key = speed_key(reference)
+        row = rows.setdefault(key, {"run": reference["name"], "here": [], "beside": [],
+                                    "logged": logged_seconds})  # fmt: skip
+        row["here"].append(here)
+        row["beside"].append([speed_key(r) for j, r in enumerate(references) if j != i])
+        row["ratio"] = statistics.mean(row["here"]) / logged_seconds
         if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
-            raise SystemExit(
-                f"this machine runs '{reference['name']}' at {ratio:.2f} times the seconds per "
-                f"iteration of its logged run: CPU-second budgets would not compare with the "
-                f"runs already in this study; run it on a machine like the study's, add "
-                f"--scale-budgets to give each run the work its budget bought there, or start "
-                f"the stage again by moving its .jsonl log aside"
-            )
+            off.append((key, ratio))
+    if record is not None:
+        record_calibration(record, "speed check", rows, list(dict.fromkeys(key for key, _ in off)))
+    if off:
+        key, ratio = off[0]
+        raise SystemExit(
+            f"this machine runs '{rows[key]['run']}' at {ratio:.2f} times the seconds per "
+            f"iteration of its logged run: CPU-second budgets would not compare with the "
+            f"runs already in this study; run it on a machine like the study's, add "
+            f"--scale-budgets to give each run the work its budget bought there, or start "
+            f"the stage again by moving its .jsonl log aside"
+        )
+
+
+def record_calibration(
+    record: Path, check: str, rows: dict[str, dict[str, Any]], refused: list[str]
+) -> None:
+    """Append one calibration to ``record`` (JSON lines): the date, which ``check`` ran
+    (``"speed check"``: :func:`check_machine_speed`; ``"scale budgets"``:
+    :func:`calibrated_ratios`), per row its measurements here (CPU s/it), the rows each ran
+    beside, its logged seconds per iteration and ratio, and the rows that were ``refused``."""
+    entry = {"date": time.strftime("%Y-%m-%d %H:%M"), "check": check, "rows": rows,
+             "refused": refused}  # fmt: skip
+    with record.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
 
 
 def first_runs(logged: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -455,7 +484,8 @@ def calibrated_ratios(
     still measured twice (alone, n rounds apart). Different partners, as the study's runs have
     them, rather than copies of one run. A row's ratio is the mean of its measurements over its
     logged seconds per iteration (:func:`logged_seconds_per_iteration`). The measurements,
-    ratios and verdict are appended to ``record`` (JSON lines), refused or not.
+    rows each ran beside, ratios and verdict are appended to ``record``
+    (:func:`record_calibration`), refused or not.
 
     Raises:
         SystemExit: a row's measurements differ by more than :data:`SPEED_AGREEMENT` (every
@@ -464,15 +494,18 @@ def calibrated_ratios(
     """
     keys = list(references)
     measured: dict[str, list[float]] = {key: [] for key in keys}
+    beside: dict[str, list[list[str]]] = {key: [] for key in keys}
     for i in range(len(keys) * (2 if args.workers == 1 else 1)):
         side_by_side = [keys[(i + j) % len(keys)] for j in range(args.workers)]
         seconds = measure_speeds([references[key] for key in side_by_side], args)
-        for key, value in zip(side_by_side, seconds, strict=True):
+        for j, (key, value) in enumerate(zip(side_by_side, seconds, strict=True)):
             measured[key].append(value)
+            beside[key].append(side_by_side[:j] + side_by_side[j + 1 :])
     rows = {}
     for key, values in measured.items():
         logged = logged_seconds_per_iteration(references[key])
-        rows[key] = {"here": values, "logged": logged, "ratio": statistics.mean(values) / logged}
+        rows[key] = {"here": values, "beside": beside[key], "logged": logged,
+                     "ratio": statistics.mean(values) / logged}  # fmt: skip
         print(
             f"machine speed: {key} takes {', '.join(f'{v:.2f}' for v in values)} CPU s/it "
             f"here, {logged:.2f} in the log (ratio {rows[key]['ratio']:.2f})",
@@ -482,9 +515,7 @@ def calibrated_ratios(
         key for key, values in measured.items() if max(values) / min(values) > 1 + SPEED_AGREEMENT
     ]
     if record is not None:
-        entry = {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "unsteady": unsteady}
-        with record.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        record_calibration(record, "scale budgets", rows, unsteady)
     if unsteady:
         raise SystemExit(
             f"--scale-budgets: this machine's speed is not steady: the calibrations of "
@@ -544,18 +575,18 @@ def run_all(
     log ``compared_with``, which its results are read against), :func:`check_machine_speed`.
     With ``--scale-budgets``, :func:`scale_to_logged_speed` instead, against the runs logged,
     then those of ``compared_with``, then those of ``scale_against`` (the stage before, so that
-    a new stage starting on another machine still runs in the study machine's seconds; its
-    calibrations are kept in ``<log>_calibrations.jsonl``); with none of them, the jobs run as
-    they are. Returns every logged result, in job order."""
+    a new stage starting on another machine still runs in the study machine's seconds); with
+    none of them, the jobs run as they are. Either way what was measured is kept in
+    ``<log>_calibrations.jsonl``. Returns every logged result, in job order."""
     done = {r["name"]: r for r in read_log(log)}
     todo = [job for job in jobs if job["name"] not in done]
     earlier = read_log(compared_with) if compared_with else []
+    record = log.with_name(log.stem + "_calibrations.jsonl")
     if todo and getattr(args, "scale_budgets", False):
         references = [*done.values(), *earlier, *(read_log(scale_against) if scale_against else [])]
-        record = log.with_name(log.stem + "_calibrations.jsonl")
         todo = scale_to_logged_speed(todo, references, args, record) if references else todo
     elif todo:
-        check_machine_speed(list(done.values()) or earlier, args)
+        check_machine_speed(list(done.values()) or earlier, args, record)
     lock = threading.Lock()
 
     def run_and_log(job: dict[str, Any]) -> None:

@@ -1027,8 +1027,9 @@ def test_calibration_measures_each_row_beside_different_partners_and_refuses_an_
     with pytest.raises(SystemExit, match="not steady: the calibrations of anil, mrml beside"):
         fair.calibrated_ratios(references, args, record)
     entry = json.loads(record.read_text())  # what was measured is kept, refused or not
-    assert entry["unsteady"] == ["anil", "mrml"]
+    assert entry["check"] == "scale budgets" and entry["refused"] == ["anil", "mrml"]
     assert entry["rows"]["mrml"]["here"] == [6.0, 7.5] and entry["rows"]["maml"]["logged"] == 4.0
+    assert entry["rows"]["mrml"]["beside"] == [["anil"], ["maml"]]  # rounds (a, b) then (b, c)
     assert entry["rows"]["maml"]["ratio"] == pytest.approx(2.0)
 
 
@@ -1052,3 +1053,14 @@ def test_the_machine_speed_check_times_two_different_rows_side_by_side_old_logs_
     _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 3.0})  # mrml 1.5 times
     with pytest.raises(SystemExit, match="runs 'tune mrml #0' at 1.50 times"):
         fair.run_all([_todo("tune anil #2", "anil", method="anil")], args, log)
+    # both checks are kept beside the log, the refused one too, with each run's partner
+    passed, refused = map(
+        json.loads, (tmp_path / "stage_calibrations.jsonl").read_text().splitlines()
+    )
+    assert passed["check"] == refused["check"] == "speed check"
+    assert passed["refused"] == [] and refused["refused"] == ["mrml"]
+    assert refused["rows"]["mrml"] == {"run": "tune mrml #0", "here": [3.0], "beside": [["anil"]],
+                                       "logged": 2.0, "ratio": 1.5}  # fmt: skip
+    assert refused["rows"]["anil"]["here"] == [3.2] and refused["rows"]["anil"]["beside"] == [
+        ["mrml"]
+    ]
