@@ -348,7 +348,10 @@ def record_calibration(
     """Append one calibration to ``record`` (JSON lines): the date, which ``check`` ran
     (``"speed check"``: :func:`check_machine_speed`; ``"scale budgets"``:
     :func:`calibrated_ratios`), per row its measurements here (CPU s/it), the rows each ran
-    beside, its logged seconds per iteration and ratio, and the rows that were ``refused``."""
+    beside, its logged seconds per iteration and ratio, and the rows that were ``refused``.
+    Entries written before these fields (the first three of the 20-way second study's file)
+    are :func:`calibrated_ratios`' alone, without ``check`` and ``beside`` (its rotation
+    rule gives the partners), and name the refused rows ``unsteady``."""
     entry = {"date": time.strftime("%Y-%m-%d %H:%M"), "check": check, "rows": rows,
              "refused": refused}  # fmt: skip
     with record.open("a") as handle:
