@@ -53,6 +53,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -580,7 +581,9 @@ def run_all(
     then those of ``compared_with``, then those of ``scale_against`` (the stage before, so that
     a new stage starting on another machine still runs in the study machine's seconds); with
     none of them, the jobs run as they are. Either way what was measured is kept in
-    ``<log>_calibrations.jsonl``. Returns every logged result, in job order."""
+    ``<log>_calibrations.jsonl``. Each logged run also records the runs that ran beside it,
+    at any moment of its run (``beside``), and this machine (``machine``,
+    :func:`machine_description`). Returns every logged result, in job order."""
     done = {r["name"]: r for r in read_log(log)}
     todo = [job for job in jobs if job["name"] not in done]
     earlier = read_log(compared_with) if compared_with else []
@@ -591,10 +594,24 @@ def run_all(
     elif todo:
         check_machine_speed(list(done.values()) or earlier, args, record)
     lock = threading.Lock()
+    running: set[str] = set()
+    beside: dict[str, set[str]] = {}
+    machine = machine_description()
 
     def run_and_log(job: dict[str, Any]) -> None:
-        result = run_job(job, args)
+        name = job["name"]
+        with lock:  # every run records the runs that shared the machine with it
+            beside[name] = set(running)
+            for other in running:
+                beside[other].add(name)
+            running.add(name)
+        try:
+            result = run_job(job, args)
+        finally:
+            with lock:
+                running.discard(name)
         if "result" in result or "failed" in result:
+            result = {**result, "beside": sorted(beside[name]), "machine": machine}
             with lock, log.open("a") as handle:
                 handle.write(json.dumps(result) + "\n")
 
@@ -602,6 +619,19 @@ def run_all(
         list(pool.map(run_and_log, todo))
     done = {r["name"]: r for r in read_log(log)}
     return [done[job["name"]] for job in jobs if job["name"] in done]
+
+
+def machine_description() -> dict[str, Any]:
+    """The machine a run is logged from: its CPU model (Linux's ``/proc/cpuinfo``, else
+    :func:`platform.processor`) and core count. Budgets in CPU seconds compare only on one
+    kind of machine, and how much a run's partner slows it differs between kinds (README)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines
+                      if line.startswith("model name")), model)  # fmt: skip
+    return {"cpu": model, "cores": os.cpu_count()}
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

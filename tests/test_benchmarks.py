@@ -7,6 +7,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,35 @@ def test_fair_jobs_interleave_methods_and_the_log_resumes(tmp_path: Path) -> Non
     log = tmp_path / "log.jsonl"
     log.write_text('{"name": "a0", "result": {}}\n{"name": "b0", "res')  # torn last line
     assert [r["name"] for r in fair.read_log(log)] == ["a0"]
+
+
+def test_every_logged_run_records_the_runs_beside_it_and_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs a, b, c on two workers, ordered by events: a and b start together, b ends, c starts
+    while a still runs. So a ran beside b and c (c only from midway), b and c beside a alone;
+    a failed run records them too; the machine is named in every run."""
+    started = {name: threading.Event() for name in "abc"}
+
+    def fake_run(job: dict, _: object) -> dict:
+        name = job["name"]
+        started[name].set()
+        waits = {"a": "c", "b": "a"}  # a ends after c started; b after a started
+        if name in waits:
+            assert started[waits[name]].wait(timeout=10)
+        return {**job, "failed": "boom"} if name == "c" else {**job, "result": {}}
+
+    monkeypatch.setattr(fair, "run_job", fake_run)
+    log = tmp_path / "stage.jsonl"
+    jobs = [{"name": name, "options": {}} for name in "abc"]
+    fair.run_all(jobs, argparse.Namespace(workers=2), log)
+    logged = {run["name"]: run for run in fair.read_log(log)}
+    assert {name: run["beside"] for name, run in logged.items()} == {
+        "a": ["b", "c"], "b": ["a"], "c": ["a"]
+    }  # fmt: skip
+    machine = fair.machine_description()
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert all(run["machine"] == machine for run in logged.values())
 
 
 def test_fair_report_speed_within_one_validation_spacing_is_a_tie() -> None:
