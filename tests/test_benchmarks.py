@@ -383,7 +383,7 @@ def test_tune_stage_of_a_new_grid_keeps_to_its_own_files_and_selects_on_validati
 ) -> None:
     ran, args = _fake_stage(
         tmp_path, monkeypatch, {"mrml": {"lr": 1.0}}, methods=["mrml", "anil"], grid="3x3",
-        tune_budget=240.0, tune_validations=6,
+        tune_budget=240.0, tune_validations=6, workers=1,  # one worker: run in submitted order
     )  # fmt: skip
     # distinct scores, best at configuration 2 for mrml and 4 for anil
     scores = {(m, i): 0.5 + 0.01 * ((k * i) % 9) for m, k in (("mrml", 4), ("anil", 2))
@@ -456,6 +456,7 @@ def test_final_stage_runs_every_selected_row_and_the_extra_rows_over_seeds(
     ran, args = _fake_stage(
         tmp_path, monkeypatch, selected, methods=["mrml", "anil", "maml"],
         extra_rows=["mrml-learn-head-init"], seeds=2, budget=600.0,
+        workers=1,  # one worker: the jobs run in the order submitted, which is checked below
     )  # fmt: skip
     fair.final(args)
     assert sorted(j["name"] for j in ran) == sorted(
@@ -1078,7 +1079,7 @@ def test_the_machine_speed_check_times_two_different_rows_side_by_side_old_logs_
     job = _todo("tune anil #1", "anil", method="anil")
     ran = _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 2.1})
     fair.run_all([job], args, log)
-    assert [j["options"]["algo"] for j in ran[:2]] == ["anil", "mrml"]
+    assert sorted(j["options"]["algo"] for j in ran[:2]) == ["anil", "mrml"]  # side by side
     assert ran[2]["name"] == "tune anil #1"
     _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 3.0})  # mrml 1.5 times
     with pytest.raises(SystemExit, match="runs 'tune mrml #0' at 1.50 times"):
