@@ -330,7 +330,9 @@ def _fake_stage(
 ) -> tuple[list[dict], argparse.Namespace]:
     """A stage's surroundings in ``tmp_path``: the tuning's ``selected`` settings, the final
     stage's log (``final``), ``run_job`` replaced by a recorder; returns the jobs it ran and the
-    arguments (common ones, then ``options``)."""
+    arguments (common ones, then ``options``). One worker, so that the recorder sees the jobs
+    in the order the stage submits them (with two, which of two threads calls first is a
+    race)."""
     monkeypatch.setattr(fair, "RESULTS", tmp_path)
     (tmp_path / "fair_tuning_5way1shot.json").write_text(json.dumps({"selected": selected}))
     if final is not None:
@@ -346,7 +348,7 @@ def _fake_stage(
     monkeypatch.setattr(fair, "run_job", fake_run)
     args = argparse.Namespace(
         ways=5, shots=1, queries=15, meta_batch=16, val_tasks=200, data_root=None,
-        validations=30, test_tasks=600, runs=tmp_path / "runs", workers=2,
+        validations=30, test_tasks=600, runs=tmp_path / "runs", workers=1,
         long_budget=3600.0, long_baselines=2, long_seeds=1, long_rows=None, grid="2x2",
     )  # fmt: skip
     for key, value in options.items():
@@ -383,7 +385,7 @@ def test_tune_stage_of_a_new_grid_keeps_to_its_own_files_and_selects_on_validati
 ) -> None:
     ran, args = _fake_stage(
         tmp_path, monkeypatch, {"mrml": {"lr": 1.0}}, methods=["mrml", "anil"], grid="3x3",
-        tune_budget=240.0, tune_validations=6, workers=1,  # one worker: run in submitted order
+        tune_budget=240.0, tune_validations=6,
     )  # fmt: skip
     # distinct scores, best at configuration 2 for mrml and 4 for anil
     scores = {(m, i): 0.5 + 0.01 * ((k * i) % 9) for m, k in (("mrml", 4), ("anil", 2))
@@ -456,7 +458,6 @@ def test_final_stage_runs_every_selected_row_and_the_extra_rows_over_seeds(
     ran, args = _fake_stage(
         tmp_path, monkeypatch, selected, methods=["mrml", "anil", "maml"],
         extra_rows=["mrml-learn-head-init"], seeds=2, budget=600.0,
-        workers=1,  # one worker: the jobs run in the order submitted, which is checked below
     )  # fmt: skip
     fair.final(args)
     assert sorted(j["name"] for j in ran) == sorted(
