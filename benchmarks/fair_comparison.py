@@ -624,7 +624,8 @@ def run_all(
 def machine_description() -> dict[str, Any]:
     """The machine a run is logged from: its CPU model (Linux's ``/proc/cpuinfo``, else
     :func:`platform.processor`) and core count. Budgets in CPU seconds compare only on one
-    kind of machine, and how much a run's partner slows it differs between kinds (README)."""
+    kind of machine, and a run's partner changes the work a CPU second buys (for mrml, by
+    14–16% between two partners, measured on one machine type only; README)."""
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
