@@ -294,8 +294,8 @@ def check_machine_speed(
 ) -> None:
     """Refuse to add runs to a study whose logged runs ran at another speed.
 
-    Times the first logged runs of the first ``--workers`` rows side by side
-    (:func:`measure_speeds`; different rows, as the study's runs go). A slower machine shows
+    Times the first logged runs of the first ``--workers`` rows side by side, in one round of
+    :func:`measure_rounds` (different rows, as the study's runs go). A slower machine shows
     there, and so does other work on this one, under which a CPU second also buys less work
     (measured: 23–39% more seconds per iteration beside a CI run, README), so both are
     refused. A refusal on a machine believed to be like the study's can be retried; a study
@@ -307,29 +307,14 @@ def check_machine_speed(
         SystemExit: a row's ratio is off by more than :data:`MACHINE_SPEED_TOLERANCE`, or the
             calibration runs failed.
     """
-    references = list(first_runs(logged).values())[: args.workers]
-    if not references:
+    firsts = first_runs(logged)
+    keys = list(firsts)[: args.workers]
+    if not keys:
         return
-    references += references[: args.workers - len(references)]  # fewer rows than workers
-    measured = measure_speeds(references, args)
-    rows: dict[str, dict[str, Any]] = {}
-    off: list[tuple[str, float]] = []  # (row, ratio) of each measurement off by too much
-    for i, (reference, here) in enumerate(zip(references, measured, strict=True)):
-        logged_seconds = logged_seconds_per_iteration(reference)
-        ratio = here / logged_seconds
-        print(
-            f"machine speed: {reference['name']} takes {here:.2f} CPU s/it here, "
-            f"{logged_seconds:.2f} in the log (ratio {ratio:.2f})",
-            flush=True,
-        )
-        key = speed_key(reference)
-        row = rows.setdefault(key, {"run": reference["name"], "here": [], "beside": [],
-                                    "logged": logged_seconds})  # fmt: skip
-        row["here"].append(here)
-        row["beside"].append([speed_key(r) for j, r in enumerate(references) if j != i])
-        row["ratio"] = statistics.mean(row["here"]) / logged_seconds
-        if abs(ratio - 1) > MACHINE_SPEED_TOLERANCE:
-            off.append((key, ratio))
+    keys += keys[: args.workers - len(keys)]  # fewer rows than workers
+    rows = measure_rounds(firsts, [keys], args)
+    off = [(key, here / row["logged"]) for key, row in rows.items() for here in row["here"]
+           if abs(here / row["logged"] - 1) > MACHINE_SPEED_TOLERANCE]  # fmt: skip
     if record is not None:
         record_calibration(record, "speed check", rows, list(dict.fromkeys(key for key, _ in off)))
     if off:
@@ -343,13 +328,45 @@ def check_machine_speed(
         )
 
 
+def measure_rounds(
+    references: dict[str, dict[str, Any]], rounds: list[list[str]], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Each round's rows run side by side (:func:`measure_speeds`), one round after another.
+
+    Per row, in first-measured order: the logged reference ``run``'s name, its measurements
+    ``here`` (CPU s/it), the rows it was ``beside`` in each, its ``logged`` seconds per
+    iteration (:func:`logged_seconds_per_iteration`) and ``ratio`` = mean(here) / logged. A row
+    twice in one round (fewer rows than workers) is measured beside a copy of itself."""
+    rows: dict[str, dict[str, Any]] = {}
+    for side_by_side in rounds:
+        seconds = measure_speeds([references[key] for key in side_by_side], args)
+        for j, (key, value) in enumerate(zip(side_by_side, seconds, strict=True)):
+            if key not in rows:
+                logged = logged_seconds_per_iteration(references[key])
+                rows[key] = {"run": references[key]["name"], "here": [], "beside": [],
+                             "logged": logged}  # fmt: skip
+            row = rows[key]
+            row["here"].append(value)
+            row["beside"].append(side_by_side[:j] + side_by_side[j + 1 :])
+    for key, row in rows.items():
+        row["ratio"] = statistics.mean(row["here"]) / row["logged"]
+        print(
+            f"machine speed: {key} ({row['run']}) takes "
+            f"{', '.join(f'{v:.2f}' for v in row['here'])} CPU s/it here, {row['logged']:.2f} "
+            f"in the log (ratio {row['ratio']:.2f})",
+            flush=True,
+        )
+    return rows
+
+
 def record_calibration(
     record: Path, check: str, rows: dict[str, dict[str, Any]], refused: list[str]
 ) -> None:
     """Append one calibration to ``record`` (JSON lines): the date, which ``check`` ran
     (``"speed check"``: :func:`check_machine_speed`; ``"scale budgets"``:
-    :func:`calibrated_ratios`), per row its measurements here (CPU s/it), the rows each ran
-    beside, its logged seconds per iteration and ratio, and the rows that were ``refused``.
+    :func:`calibrated_ratios`), per row what :func:`measure_rounds` gives (its logged run, its
+    measurements here in CPU s/it, the rows each ran beside, its logged seconds per iteration
+    and ratio), and the rows that were ``refused``.
     Entries written before these fields (the first three of the 20-way second study's file)
     are :func:`calibrated_ratios`' alone, without ``check`` and ``beside`` (its rotation
     rule gives the partners), and name the refused rows ``unsteady``."""
@@ -482,7 +499,7 @@ def calibrated_ratios(
     measured beside the other rows as the study's runs go.
 
     With rows k_0 … k_{n−1} and w = ``--workers``, round i runs k_i, k_{i+1}, …, k_{i+w−1}
-    (indices mod n) side by side (:func:`measure_speeds`), so that every row is measured w
+    (indices mod n) side by side (:func:`measure_rounds`), so that every row is measured w
     times, each time beside other partners where there are w or more rows (with fewer, a row
     runs beside itself too). With one worker, the n rounds run twice, so that each row is
     still measured twice (alone, n rounds apart). Different partners, as the study's runs have
@@ -497,26 +514,15 @@ def calibrated_ratios(
             the study's work.
     """
     keys = list(references)
-    measured: dict[str, list[float]] = {key: [] for key in keys}
-    beside: dict[str, list[list[str]]] = {key: [] for key in keys}
-    for i in range(len(keys) * (2 if args.workers == 1 else 1)):
-        side_by_side = [keys[(i + j) % len(keys)] for j in range(args.workers)]
-        seconds = measure_speeds([references[key] for key in side_by_side], args)
-        for j, (key, value) in enumerate(zip(side_by_side, seconds, strict=True)):
-            measured[key].append(value)
-            beside[key].append(side_by_side[:j] + side_by_side[j + 1 :])
-    rows = {}
-    for key, values in measured.items():
-        logged = logged_seconds_per_iteration(references[key])
-        rows[key] = {"here": values, "beside": beside[key], "logged": logged,
-                     "ratio": statistics.mean(values) / logged}  # fmt: skip
-        print(
-            f"machine speed: {key} takes {', '.join(f'{v:.2f}' for v in values)} CPU s/it "
-            f"here, {logged:.2f} in the log (ratio {rows[key]['ratio']:.2f})",
-            flush=True,
-        )
+    rounds = [
+        [keys[(i + j) % len(keys)] for j in range(args.workers)]
+        for i in range(len(keys) * (2 if args.workers == 1 else 1))
+    ]
+    rows = measure_rounds(references, rounds, args)
     unsteady = [
-        key for key, values in measured.items() if max(values) / min(values) > 1 + SPEED_AGREEMENT
+        key
+        for key, row in rows.items()
+        if max(row["here"]) / min(row["here"]) > 1 + SPEED_AGREEMENT
     ]
     if record is not None:
         record_calibration(record, "scale budgets", rows, unsteady)

@@ -707,9 +707,12 @@ def _per_iteration(seconds: float) -> dict:
     return {"median_seconds_per_iteration": seconds, "median_cpu_seconds_per_iteration": seconds}
 
 
-def _machine(monkeypatch: pytest.MonkeyPatch, seconds: float | None) -> list[dict]:
-    """``run_job`` replaced: calibration runs take ``seconds`` per iteration (``None``: they
-    fail); every job it is given is recorded."""
+def _machine(
+    monkeypatch: pytest.MonkeyPatch, seconds: float | dict[str, float] | None
+) -> list[dict]:
+    """``run_job`` replaced: calibration runs take ``seconds`` per iteration, or
+    ``seconds[a]`` for a run of algorithm ``a`` (``None``: they fail); every job it is given
+    is recorded."""
     ran: list[dict] = []
 
     def fake_run(job: dict, _: object) -> dict:
@@ -717,7 +720,8 @@ def _machine(monkeypatch: pytest.MonkeyPatch, seconds: float | None) -> list[dic
         if job["name"].startswith("calibration"):
             if seconds is None:
                 return {**job, "failed": "boom"}
-            return {**job, "result": {}, **_per_iteration(seconds)}
+            here = seconds[job["options"]["algo"]] if isinstance(seconds, dict) else seconds
+            return {**job, "result": {}, **_per_iteration(here)}
         return {**job, "result": {}, "best_val": 0.5}
 
     monkeypatch.setattr(fair, "run_job", fake_run)
@@ -802,21 +806,6 @@ def test_fair_report_names_the_runs_made_at_another_speed_than_their_row() -> No
     assert "mrml" not in line and "imaml" not in line  # within 15%; a single seed
 
 
-def _calibrated_machine(monkeypatch: pytest.MonkeyPatch, here: dict[str, float]) -> list[dict]:
-    """``run_job`` replaced: a calibration run of algorithm ``a`` takes ``here[a]`` CPU s/it;
-    every job it is given is recorded."""
-    ran: list[dict] = []
-
-    def fake_run(job: dict, _: object) -> dict:
-        ran.append(job)
-        if job["name"].startswith("calibration"):
-            return {**job, "result": {}, **_per_iteration(here[job["options"]["algo"]])}
-        return {**job, "result": {}, "best_val": 0.5}
-
-    monkeypatch.setattr(fair, "run_job", fake_run)
-    return ran
-
-
 def _todo(name: str, algo: str, **fields: object) -> dict:
     budgets = {"time_budget": 240.0, "val_every_seconds": 40.0}
     return {"name": name, "options": {"algo": algo, **budgets}, "run_dir": name, **fields}
@@ -841,7 +830,7 @@ def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study
     logged[1]["method"] = logged[2]["method"] = logged[3]["method"] = "anil"
     mrml["method"] = "mrml"
     log.write_text("".join(json.dumps(r) + "\n" for r in logged))
-    ran = _calibrated_machine(monkeypatch, {"anil": 6.0, "mrml": 5.0, "itd-bio": 1.0})
+    ran = _machine(monkeypatch, {"anil": 6.0, "mrml": 5.0, "itd-bio": 1.0})
     args = argparse.Namespace(runs=tmp_path / "runs", workers=2, scale_budgets=True)
     todo = [_todo("tune anil #3", "anil", method="anil"),
             _todo("tune mrml #1", "mrml", method="mrml")]  # fmt: skip
@@ -869,7 +858,7 @@ def test_scaled_budgets_give_each_method_the_work_its_budget_bought_on_the_study
     # itd-bio's only logged run has no seconds per iteration: nothing to calibrate against
     with pytest.raises(SystemExit, match="no finished logged run of itd-bio"):
         fair.run_all([_todo("tune itd-bio #1", "itd-bio", method="itd-bio")], args, log)
-    _calibrated_machine(monkeypatch, {"anil": 3.3})  # 1.1×: scaled too, as every row is
+    _machine(monkeypatch, {"anil": 3.3})  # 1.1×: scaled too, as every row is
     near = fair.run_all([_todo("tune anil #4", "anil", method="anil")], args, log)[0]
     assert near["machine_ratio"] == pytest.approx(1.1)
     assert near["options"]["time_budget"] == pytest.approx(264.0)
@@ -888,7 +877,7 @@ def test_a_new_stage_with_scaled_budgets_is_measured_against_the_stage_before(
     runs[1]["options"]["algo"] = "mrml"
     tuning.write_text("".join(json.dumps(r) + "\n" for r in runs))
     final = tmp_path / "final.jsonl"
-    ran = _calibrated_machine(monkeypatch, {"anil": 6.0, "mrml": 5.0})
+    ran = _machine(monkeypatch, {"anil": 6.0, "mrml": 5.0})
     args = argparse.Namespace(runs=tmp_path / "runs", workers=1, scale_budgets=True)
     jobs = [_todo("final anil seed 0", "anil", row="anil"),
             _todo("final mrml-paper seed 0", "mrml", row="mrml-paper")]  # fmt: skip
@@ -1078,11 +1067,11 @@ def test_the_machine_speed_check_times_two_different_rows_side_by_side_old_logs_
     log.write_text(json.dumps(anil) + "\n" + json.dumps(mrml) + "\n")
     args = argparse.Namespace(runs=tmp_path / "runs", workers=2)
     job = _todo("tune anil #1", "anil", method="anil")
-    ran = _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 2.1})
+    ran = _machine(monkeypatch, {"anil": 3.2, "mrml": 2.1})
     fair.run_all([job], args, log)
     assert sorted(j["options"]["algo"] for j in ran[:2]) == ["anil", "mrml"]  # side by side
     assert ran[2]["name"] == "tune anil #1"
-    _calibrated_machine(monkeypatch, {"anil": 3.2, "mrml": 3.0})  # mrml 1.5 times
+    _machine(monkeypatch, {"anil": 3.2, "mrml": 3.0})  # mrml 1.5 times
     with pytest.raises(SystemExit, match="runs 'tune mrml #0' at 1.50 times"):
         fair.run_all([_todo("tune anil #2", "anil", method="anil")], args, log)
     # both checks are kept beside the log, the refused one too, with each run's partner
