@@ -579,9 +579,9 @@ def run_all(
     compared_with: Path | None = None,
     scale_against: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Two jobs at a time (one thread each). Each finished job is appended to ``log`` (JSON
-    lines) at once, and a job already there is not run again: a stage that was stopped goes on
-    where it was. Before it adds runs to those logged (or, with none yet, to the runs of the
+    """``--workers`` jobs at a time (one thread each). Each finished job is appended to ``log``
+    (JSON lines) at once, and a job already there is not run again: a stage that was stopped
+    goes on where it was. Before it adds runs to those logged (or, with none yet, to the runs of the
     log ``compared_with``, which its results are read against), :func:`check_machine_speed`.
     With ``--scale-budgets``, :func:`scale_to_logged_speed` instead, against the runs logged,
     then those of ``compared_with``, then those of ``scale_against`` (the stage before, so that
